@@ -1,0 +1,198 @@
+"""Reading and writing safetensors checkpoints: shard resolution, header inspection, atomic saves.
+
+Every model loader in the project goes through `resolve_weight_files` and `load_state_dict`, so the same rules
+(directory, index json, first shard, single file) and the same error messages apply to the DiT, the VAE and the
+encoders alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+# `<prefix><index>-of-<count>.safetensors`, e.g. diffusion_pytorch_model-00001-of-00003.safetensors
+SHARD_PATTERN = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)-of-(?P<count>\d+)\.safetensors$")
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+}
+
+
+class WeightFileError(ValueError):
+    """A weight file or folder that cannot be used for what it was given as."""
+
+
+def _where(flag: str | None) -> str:
+    return f"{flag} " if flag else ""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: str | os.PathLike, flag: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read a safetensors header without touching tensor data; refuse truncated or non-safetensors files."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise WeightFileError(f"{_where(flag)}{path}: file is too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise WeightFileError(f"{_where(flag)}{path}: not a safetensors file (bad header length)")
+            header = json.loads(f.read(header_len))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise WeightFileError(f"{_where(flag)}{path}: file not found") from e
+        raise WeightFileError(f"{_where(flag)}{path}: not a readable safetensors file ({e})") from e
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, entry in header.items():
+        infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]))
+        data_end = max(data_end, entry["data_offsets"][1])
+    if 8 + header_len + data_end > size:
+        raise WeightFileError(
+            f"{_where(flag)}{path}: file is truncated ({size} bytes, header promises {8 + header_len + data_end});"
+            " download it again"
+        )
+    return infos, metadata
+
+
+def _shard_family(path: Path, flag: str | None) -> list[str] | None:
+    m = SHARD_PATTERN.match(path.name)
+    if m is None:
+        return None
+    width, count = len(m["index"]), int(m["count"])
+    files = [path.parent / f"{m['prefix']}{i:0{width}d}-of-{m['count']}.safetensors" for i in range(1, count + 1)]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise WeightFileError(f"{_where(flag)}{path}: shard(s) missing next to it: {', '.join(missing)}")
+    return [str(f) for f in files]
+
+
+def resolve_weight_files(path: str | os.PathLike, flag: str | None = None, subfolder: str | None = None) -> list[str]:
+    """Turn what a user passed (file, first shard, folder, snapshot root) into the list of files to read.
+
+    A folder is searched in `subfolder` first when given (snapshot roots such as a HunyuanVideo community snapshot
+    holding `vae/`, `text_encoder/`). Inside a folder an `*.safetensors.index.json` decides the shard set; otherwise
+    the sorted `*.safetensors` files are used (a shard family in full, or a single file).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise WeightFileError(f"{_where(flag)}{p}: no such file or folder")
+    if p.is_dir():
+        folder = p / subfolder if subfolder and (p / subfolder).is_dir() else p
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            with open(indexes[0]) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = sorted({str(folder / name) for name in weight_map.values()})
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise WeightFileError(f"{_where(flag)}{indexes[0]} lists files that are missing: {', '.join(missing)}")
+            if files:
+                return files
+        candidates = sorted(folder.glob("*.safetensors"))
+        if not candidates:
+            where = f"{p} (or {p / subfolder})" if subfolder else str(p)
+            raise WeightFileError(f"{_where(flag)}{where}: folder holds no .safetensors file")
+        family = _shard_family(candidates[0], flag)
+        if family is not None:
+            return family
+        if len(candidates) > 1:
+            names = ", ".join(c.name for c in candidates[:5])
+            raise WeightFileError(f"{_where(flag)}{folder}: several unrelated .safetensors files ({names}); pass one file")
+        return [str(candidates[0])]
+    return _shard_family(p, flag) or [str(p)]
+
+
+def read_headers(files: list[str], flag: str | None = None) -> dict[str, TensorInfo]:
+    """Union of the headers of several shard files (tensor name -> dtype and shape)."""
+    infos: dict[str, TensorInfo] = {}
+    for f in files:
+        infos.update(read_header(f, flag)[0])
+    return infos
+
+
+def load_state_dict(
+    files: list[str] | str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    key_filter=None,
+) -> dict[str, torch.Tensor]:
+    """Load tensors from one or several safetensors files, optionally casting floating tensors to `dtype`."""
+    if isinstance(files, str):
+        files = [files]
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key_filter is not None and not key_filter(key):
+                    continue
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                state[key] = t
+    return state
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """Write atomically: to a temporary name in the same folder, then rename, so no half-written file remains."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+        save_file(contiguous, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_sharded(
+    tensors: dict[str, torch.Tensor], folder: str | os.PathLike, prefix: str, num_shards: int, index_name: str | None
+) -> list[str]:
+    """Write a Hugging Face style shard family `<prefix>-0000i-of-0000n.safetensors` (+ optional index json)."""
+    folder = Path(folder)
+    keys = list(tensors)
+    per = -(-len(keys) // num_shards)
+    names, weight_map = [], {}
+    for i in range(num_shards):
+        name = f"{prefix}-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i * per : (i + 1) * per]}
+        save_safetensors(part, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+        names.append(str(folder / name))
+    if index_name:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(folder / index_name, "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
