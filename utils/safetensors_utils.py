@@ -128,7 +128,9 @@ def resolve_weight_files(path: str | os.PathLike, flag: str | None = None, subfo
             return family
         if len(candidates) > 1:
             names = ", ".join(c.name for c in candidates[:5])
-            raise WeightFileError(f"{_where(flag)}{folder}: several unrelated .safetensors files ({names}); pass one file")
+            raise WeightFileError(
+                f"{_where(flag)}{folder}: several unrelated .safetensors files ({names}); pass one file"
+            )
         return [str(candidates[0])]
     return _shard_family(p, flag) or [str(p)]
 

@@ -1,0 +1,93 @@
+"""Loading the packed DiT from every public layout, with the config read from the checkpoint itself.
+
+Accepted for `--dit`: lllyasviel's three-shard folder (index json used when present), a path to its first shard,
+a Hugging Face snapshot folder, and Kijai's single bf16 file; FramePack-F1 the same way. The model is built on the
+meta device and the file tensors are assigned as they are (file dtype kept), so no second copy is ever held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
+from utils.checkpoint_kinds import wrong_file_message
+from utils.safetensors_utils import WeightFileError, load_state_dict, read_headers, resolve_weight_files
+
+logger = logging.getLogger(__name__)
+
+# Keys without which a file cannot be a FramePack packed DiT.
+REQUIRED_KEYS = (
+    "x_embedder.proj.weight",
+    "clean_x_embedder.proj.weight",
+    "image_projection.up.weight",
+    "context_embedder.proj_in.weight",
+    "time_text_embed.text_embedder.linear_1.weight",
+    "transformer_blocks.0.attn.norm_q.weight",
+    "proj_out.weight",
+)
+
+
+def _read_config_json(files: list[str]) -> dict | None:
+    path = os.path.join(os.path.dirname(files[0]), "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_dit_config(path: str, flag: str = "--dit") -> tuple[list[str], PackedDiTConfig]:
+    """Validate a DiT checkpoint from its headers alone and return (files, config). Cheap: reads no tensor data."""
+    files = resolve_weight_files(path, flag, subfolder="transformer")
+    infos = read_headers(files, flag)
+    missing = [k for k in REQUIRED_KEYS if k not in infos]
+    if missing:
+        raise WeightFileError(
+            wrong_file_message(flag, path, "a FramePack DiT (keys like x_embedder.proj.weight)", infos)
+        )
+    shapes = {k: v.shape for k, v in infos.items()}
+    config = PackedDiTConfig.from_shapes(shapes, _read_config_json(files))
+
+    with torch.device("meta"):
+        expected = HunyuanVideoTransformer3DModelPacked(config).state_dict()
+    absent = [k for k in expected if k not in shapes]
+    extra = [k for k in shapes if k not in expected]
+    wrong = [
+        f"{k} {tuple(shapes[k])} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in shapes and tuple(shapes[k]) != tuple(v.shape)
+    ]
+    if absent or extra or wrong:
+        parts = []
+        if absent:
+            parts.append(f"{len(absent)} missing keys (e.g. {', '.join(absent[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:3])})")
+        if wrong:
+            parts.append(f"wrong shapes: {'; '.join(wrong[:3])}")
+        raise WeightFileError(f"{flag} {path}: not a complete FramePack DiT: {'; '.join(parts)}")
+    return files, config
+
+
+def load_packed_model(
+    path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_mode: str = "torch",
+    split_attn: bool = False,
+    flag: str = "--dit",
+) -> HunyuanVideoTransformer3DModelPacked:
+    """Load a FramePack (or F1) DiT. `dtype` None keeps the file's dtype (bf16 for the public weights)."""
+    files, config = read_dit_config(path, flag)
+    logger.info(
+        f"DiT from {path}: {config.num_layers} double + {config.num_single_layers} single blocks, "
+        f"width {config.inner_dim} ({len(files)} file(s))"
+    )
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer3DModelPacked(config, attn_mode=attn_mode, split_attn=split_attn)
+    state = load_state_dict(files, device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,82 @@
+"""Tiny packed DiTs in the public layouts: lllyasviel's sharded folder (index json + config.json) and Kijai's file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import torch
+
+from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
+from tests.factory import dims
+from utils.safetensors_utils import save_safetensors, save_sharded
+
+SHARD_PREFIX = "diffusion_pytorch_model"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+KIJAI_NAME = "FramePackI2V_HY_bf16.safetensors"
+
+
+def tiny_dit_config(**overrides) -> PackedDiTConfig:
+    config = PackedDiTConfig(
+        num_attention_heads=dims.DIT_INNER // 128,
+        num_layers=dims.DIT_DOUBLE_BLOCKS,
+        num_single_layers=dims.DIT_SINGLE_BLOCKS,
+        num_refiner_layers=dims.DIT_REFINER_BLOCKS,
+        text_embed_dim=dims.LLAMA_HIDDEN,
+        pooled_projection_dim=dims.CLIP_HIDDEN,
+        image_proj_dim=dims.SIGLIP_HIDDEN,
+    )
+    return replace(config, **overrides)
+
+
+def tiny_dit_state_dict(seed: int = 0, config: PackedDiTConfig | None = None, dtype=torch.bfloat16) -> dict:
+    """Seeded weights: 1-D norm weights 1, norm biases 0, other tensors N(0, 1/fan_in) so activations stay O(1)."""
+    config = config or tiny_dit_config()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in HunyuanVideoTransformer3DModelPacked(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if len(shape) == 1 and "norm" in key and key.endswith(".weight") and ".linear." not in key:
+            t = torch.ones(shape)
+        elif len(shape) == 1 and "norm" in key and ".linear." not in key:
+            t = torch.zeros(shape)
+        elif len(shape) == 1:
+            t = torch.randn(shape, generator=gen) * 0.02
+        else:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            t = torch.randn(shape, generator=gen) / fan_in**0.5
+        state[key] = t.to(dtype)
+    return state
+
+
+def diffusers_config(config: PackedDiTConfig) -> dict:
+    """config.json as found in lllyasviel's snapshot folders (diffusers class config)."""
+    values = config.to_dict()
+    values["rope_axes_dim"] = list(values["rope_axes_dim"])
+    return {
+        "_class_name": "HunyuanVideoTransformer3DModelPacked",
+        **values,
+        "qk_norm": "rms_norm",
+        "guidance_embeds": True,
+        "has_image_proj": True,
+        "has_clean_x_embedder": True,
+    }
+
+
+def write_dit_sharded(folder, seed: int = 0, config: PackedDiTConfig | None = None, index: bool = True) -> str:
+    """lllyasviel/FramePackI2V_HY layout: three shards, index json, config.json. Returns the folder."""
+    config = config or tiny_dit_config()
+    os.makedirs(folder, exist_ok=True)
+    save_sharded(tiny_dit_state_dict(seed, config), folder, SHARD_PREFIX, 3, INDEX_NAME if index else None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(diffusers_config(config), f, indent=2)
+    return str(folder)
+
+
+def write_dit_single(path, seed: int = 0, config: PackedDiTConfig | None = None) -> str:
+    """Kijai's single bf16 file layout. Returns the file path."""
+    save_safetensors(tiny_dit_state_dict(seed, config or tiny_dit_config()), path)
+    return str(path)
