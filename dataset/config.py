@@ -1,0 +1,343 @@
+"""Dataset config files (TOML or JSON): strict validation and per-dataset parameter resolution.
+
+A config has an optional `[general]` table and an array of `[[datasets]]` tables. An entry with `video_directory`
+or `video_jsonl_file` is a video dataset, one with `image_directory` or `image_jsonl_file` an image dataset.
+Each parameter is taken from the first place that sets it (not None): the entry, `[general]`, the calling
+script's parsed command line (attributes of the same name, e.g. the cache scripts' `--batch_size`), the default.
+
+Everything here runs before any media is touched; errors name the file, the entry and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import toml
+
+from dataset.frames import FRAME_EXTRACTION_MODES
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetConfigError(ValueError):
+    """Invalid dataset config; `file`, `entry` (e.g. "[[datasets]] #2") and `key` say where."""
+
+    def __init__(self, message: str, file: str | None = None, entry: str | None = None, key: str | None = None):
+        self.file, self.entry, self.key = file, entry, key
+        where = [part for part in (file, entry, f"key '{key}'" if key else None) if part]
+        super().__init__(": ".join([*where, message]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# value checks: each returns the (possibly converted) value or raises _Invalid with what was expected
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def check(value):
+        if not _is_int(value):
+            hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
+            raise _Invalid(f"an integer, got {_type_name(value)} {value!r}{hint}")
+        if value < minimum:
+            raise _Invalid(f"an integer >= {minimum}, got {value}")
+        return value
+
+    return check
+
+
+def _positive_float(value: Any) -> float:
+    # strict like the reference: integers are refused, so `source_fps = 30` must be written 30.0
+    if not isinstance(value, float):
+        hint = f" (write {value}.0)" if _is_int(value) else ""
+        raise _Invalid(f"a float, got {_type_name(value)} {value!r}{hint}")
+    if not value > 0:
+        raise _Invalid(f"a float > 0, got {value}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"a boolean (true or false), got {_type_name(value)} {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"a string, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _int_list(minimum: int) -> Callable[[Any], list[int]]:
+    def check(value):
+        if not isinstance(value, list) or not value or not all(_is_int(v) and v >= minimum for v in value):
+            raise _Invalid(f"a non-empty array of integers >= {minimum}, got {_type_name(value)} {value!r}")
+        return list(value)
+
+    return check
+
+
+def _resolution(value: Any) -> tuple[int, int]:
+    """An integer N (meaning N×N) or [W, H]; each side at least one bucket step."""
+    sides = [value, value] if _is_int(value) else value
+    if not (isinstance(sides, list) and len(sides) == 2 and all(_is_int(v) and v >= 16 for v in sides)):
+        raise _Invalid(f"an integer >= 16 or an array [width, height] of two such integers, got {value!r}")
+    return (sides[0], sides[1])
+
+
+def _frame_extraction(value: Any) -> str:
+    if value not in FRAME_EXTRACTION_MODES:
+        raise _Invalid(f"one of {', '.join(FRAME_EXTRACTION_MODES)}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schema: the reference's keys and types (plus `fp_latent_window_size` on video datasets, see VIDEO_KEYS)
+
+GENERAL_KEYS: dict[str, Callable[[Any], Any]] = {
+    "resolution": _resolution,
+    "caption_extension": _str,
+    "batch_size": _int(1),
+    "num_repeats": _int(1),
+    "enable_bucket": _bool,
+    "bucket_no_upscale": _bool,
+}
+IMAGE_KEYS: dict[str, Callable[[Any], Any]] = {
+    **GENERAL_KEYS,
+    "image_directory": _str,
+    "image_jsonl_file": _str,
+    "cache_directory": _str,
+    "control_directory": _str,
+    "fp_latent_window_size": _int(1),
+    "fp_1f_clean_indices": _int_list(0),
+    "fp_1f_target_index": _int(0),
+    "fp_1f_no_post": _bool,
+}
+# the reference's video schema lacks fp_latent_window_size although its docs use it there (fixed upstream later)
+VIDEO_KEYS: dict[str, Callable[[Any], Any]] = {
+    **GENERAL_KEYS,
+    "video_directory": _str,
+    "video_jsonl_file": _str,
+    "control_directory": _str,
+    "target_frames": _int_list(1),
+    "frame_extraction": _frame_extraction,
+    "frame_stride": _int(1),
+    "frame_sample": _int(1),
+    "max_frames": _int(1),
+    "cache_directory": _str,
+    "source_fps": _positive_float,
+    "fp_latent_window_size": _int(1),
+}
+TOP_LEVEL_KEYS = ("general", "datasets")
+
+
+@dataclass
+class BaseDatasetParams:
+    resolution: tuple[int, int] = (960, 544)
+    enable_bucket: bool = False
+    bucket_no_upscale: bool = False
+    caption_extension: str | None = None
+    batch_size: int = 1
+    num_repeats: int = 1
+    cache_directory: str | None = None
+    debug_dataset: bool = False
+    fp_latent_window_size: int = 9
+
+
+@dataclass
+class ImageDatasetParams(BaseDatasetParams):
+    image_directory: str | None = None
+    image_jsonl_file: str | None = None
+    control_directory: str | None = None
+    fp_1f_clean_indices: list[int] | None = None
+    fp_1f_target_index: int | None = None
+    fp_1f_no_post: bool = False
+
+
+@dataclass
+class VideoDatasetParams(BaseDatasetParams):
+    video_directory: str | None = None
+    video_jsonl_file: str | None = None
+    control_directory: str | None = None
+    target_frames: tuple[int, ...] = (1,)
+    frame_extraction: str = "head"
+    frame_stride: int = 1
+    frame_sample: int = 1
+    max_frames: int = 129
+    source_fps: float | None = None
+
+
+DatasetParams = ImageDatasetParams | VideoDatasetParams
+
+
+def load_user_config(path: str) -> dict:
+    """Parse a `.toml` or `.json` (suffix, any case) config file into a dict, without validating it."""
+    if not os.path.isfile(path):
+        raise DatasetConfigError("file not found", file=str(path))
+    lower = str(path).lower()
+    try:
+        if lower.endswith(".toml"):
+            return toml.load(path)
+        if lower.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    except (toml.TomlDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        logger.error(f"cannot parse dataset config {path}")
+        raise DatasetConfigError(f"cannot parse: {e}", file=str(path)) from e
+    raise DatasetConfigError("not supported config file format (use .toml or .json)", file=str(path))
+
+
+def _entry_kind(entry: Mapping) -> str:
+    return "video" if "video_directory" in entry or "video_jsonl_file" in entry else "image"
+
+
+def _unknown_key_message(key: str, allowed: Mapping, where: str) -> str:
+    if where == "general" and key in {**IMAGE_KEYS, **VIDEO_KEYS}:
+        return "not allowed in [general]; set it in each [[datasets]] entry"
+    if where == "image" and key in VIDEO_KEYS:
+        return "only allowed in video datasets (entries with video_directory or video_jsonl_file)"
+    if where == "video" and key in IMAGE_KEYS:
+        return "only allowed in image datasets (entries with image_directory or image_jsonl_file)"
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return "unknown key" + (f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(sorted(allowed))}")
+
+
+def _validate_table(table: Any, schema: Mapping, where: str, file: str | None, entry: str) -> dict:
+    if not isinstance(table, dict):
+        raise DatasetConfigError(f"expected a table, got {_type_name(table)}", file, entry)
+    checked = {}
+    for key, value in table.items():
+        if key not in schema:
+            raise DatasetConfigError(_unknown_key_message(key, schema, where), file, entry, key)
+        try:
+            checked[key] = schema[key](value)
+        except _Invalid as e:
+            raise DatasetConfigError(f"expected {e}", file, entry, key) from None
+    return checked
+
+
+def entry_label(index: int) -> str:
+    """Human label of the index-th (0-based) dataset entry: `[[datasets]] #1` is the first."""
+    return f"[[datasets]] #{index + 1}"
+
+
+def validate_user_config(config: Any, file: str | None = None) -> dict:
+    """Check keys, types and values of a parsed config; return it with values normalised (resolution → tuple)."""
+    if not isinstance(config, dict):
+        raise DatasetConfigError(f"expected a table at top level, got {_type_name(config)}", file)
+    for key in config:
+        if key not in TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; only [general] and [[datasets]] are allowed"
+            raise DatasetConfigError("unknown top-level key" + hint, file, key=key)
+    general = _validate_table(config.get("general", {}), GENERAL_KEYS, "general", file, "[general]")
+    datasets = config.get("datasets", [])
+    if not isinstance(datasets, list):
+        raise DatasetConfigError(f"expected an array of tables, got {_type_name(datasets)}", file, key="datasets")
+    if not datasets:
+        raise DatasetConfigError("no [[datasets]] entries", file)
+    checked = []
+    for index, entry in enumerate(datasets):
+        label = entry_label(index)
+        kind = _entry_kind(entry) if isinstance(entry, dict) else "image"
+        schema = VIDEO_KEYS if kind == "video" else IMAGE_KEYS
+        entry = _validate_table(entry, schema, kind, file, label)
+        sources = [k for k in (f"{kind}_directory", f"{kind}_jsonl_file") if k in entry]
+        if not sources:
+            raise DatasetConfigError(
+                "needs one of image_directory, image_jsonl_file, video_directory, video_jsonl_file", file, label
+            )
+        if len(sources) == 2:
+            raise DatasetConfigError(f"set either {sources[0]} or {sources[1]}, not both", file, label)
+        checked.append(entry)
+    return {"general": general, "datasets": checked}
+
+
+def _namespace_values(namespace: Any) -> dict:
+    """Non-None attributes of the calling script's argparse namespace (or a dict)."""
+    if namespace is None:
+        return {}
+    values = dict(namespace) if isinstance(namespace, Mapping) else dict(vars(namespace))
+    debug = values.get("debug_dataset")
+    if debug is not None and not isinstance(debug, bool):
+        raise TypeError(f"debug_dataset must be a bool, got {debug!r}")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def resolve_dataset_params(config: dict, namespace: Any = None, file: str | None = None) -> list[DatasetParams]:
+    """Per-dataset parameters of a validated config, looked up entry → [general] → command line → default.
+
+    Also checks what can be checked without reading media: JSONL datasets need `cache_directory`, and every
+    dataset needs its own cache directory (after defaulting to its media directory).
+    """
+    general = config.get("general", {})
+    cli = _namespace_values(namespace)
+    resolved: list[DatasetParams] = []
+    for index, entry in enumerate(config["datasets"]):
+        klass = VideoDatasetParams if _entry_kind(entry) == "video" else ImageDatasetParams
+        values = {}
+        for field in fields(klass):
+            for source in (entry, general, cli):
+                if source.get(field.name) is not None:
+                    values[field.name] = source[field.name]
+                    break
+        params = klass(**values)
+        jsonl = params.video_jsonl_file if klass is VideoDatasetParams else params.image_jsonl_file
+        if jsonl is not None and params.cache_directory is None:
+            raise DatasetConfigError(
+                "JSONL datasets need cache_directory (there is no media directory to default to)",
+                file,
+                entry_label(index),
+                "cache_directory",
+            )
+        if klass is VideoDatasetParams and params.frame_extraction == "chunk" and 1 in params.target_frames:
+            logger.warning(f"{entry_label(index)}: 'chunk' with target_frames 1 makes an item of every single frame")
+        resolved.append(params)
+
+    seen: dict[str, int] = {}
+    for index, params in enumerate(resolved):
+        directory = os.path.normpath(os.path.abspath(effective_cache_directory(params)))
+        if directory in seen:
+            raise DatasetConfigError(
+                f"cache directory {directory} is also used by {entry_label(seen[directory])}; each dataset needs "
+                "its own (it defaults to the image/video directory)",
+                file,
+                entry_label(index),
+                "cache_directory",
+            )
+        seen[directory] = index
+    return resolved
+
+
+def effective_cache_directory(params: DatasetParams) -> str:
+    """`cache_directory`, or the media directory when it is not set."""
+    if params.cache_directory is not None:
+        return params.cache_directory
+    directory = params.video_directory if isinstance(params, VideoDatasetParams) else params.image_directory
+    if directory is None:
+        raise ValueError("cache_directory is required for JSONL datasets")
+    return directory
+
+
+def load_dataset_params(path: str, namespace: Any = None) -> list[DatasetParams]:
+    """Load, validate and resolve a dataset config file: the one call the scripts make before any media work."""
+    config = validate_user_config(load_user_config(path), file=str(path))
+    return resolve_dataset_params(config, namespace, file=str(path))
