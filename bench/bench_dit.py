@@ -1,0 +1,129 @@
+"""Time one DiT forward (a full FramePack section) and report peak memory, for a configurable model size.
+
+Each configuration runs in a fresh subprocess so its peak memory is its own (CUDA: max_memory_allocated;
+CPU: the process's peak resident set size). The first configuration is the baseline the others are compared with.
+
+    python bench/bench_dit.py                          # tiny model, 256x256, plain vs fp8_scaled vs checkpointing
+    python bench/bench_dit.py --width 3072 --double 20 --single 40 --height 640 --width_px 640 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_one(cfg: dict) -> dict:
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from frame_pack.fp8 import apply_fp8
+    from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
+
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    config = PackedDiTConfig(
+        num_attention_heads=cfg["width"] // 128,
+        num_layers=cfg["double"],
+        num_single_layers=cfg["single"],
+        text_embed_dim=cfg["text_dim"],
+        pooled_projection_dim=768,
+        image_proj_dim=1152,
+    )
+    dtype = torch.bfloat16
+    model = HunyuanVideoTransformer3DModelPacked(config).to(dtype).eval()
+    if cfg["fp8_scaled"]:
+        apply_fp8(model, scaled=True)
+    model.to(device)
+    if cfg["blocks_to_swap"]:
+        model.enable_block_swap(cfg["blocks_to_swap"], device)
+        model.move_to_device_except_swap_blocks(device)
+    h, w, lws, text = cfg["height"] // 8, cfg["width_px"] // 8, cfg["lws"], cfg["text_tokens"]
+    kw = dict(
+        hidden_states=torch.randn(1, 16, lws, h, w, dtype=dtype, device=device),
+        timestep=torch.tensor([988.0], dtype=dtype, device=device),
+        encoder_hidden_states=torch.randn(1, 512, cfg["text_dim"], dtype=dtype, device=device),
+        encoder_attention_mask=(torch.arange(512, device=device) < text)[None],
+        pooled_projections=torch.randn(1, 768, dtype=dtype, device=device),
+        guidance=torch.tensor([9984.0], dtype=dtype, device=device),
+        latent_indices=torch.arange(1, lws + 1, device=device)[None],
+        clean_latents=torch.randn(1, 16, 2, h, w, device=device),
+        clean_latent_indices=torch.tensor([[0, lws + 1]], device=device),
+        clean_latents_2x=torch.randn(1, 16, 2, h, w, device=device),
+        clean_latent_2x_indices=torch.tensor([[lws + 2, lws + 3]], device=device),
+        clean_latents_4x=torch.randn(1, 16, 16, h, w, device=device),
+        clean_latent_4x_indices=torch.arange(lws + 4, lws + 20, device=device)[None],
+        image_embeddings=torch.randn(1, 729, 1152, dtype=dtype, device=device),
+    )
+    if cfg["gradient_checkpointing"]:
+        model.enable_gradient_checkpointing()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(cfg["repeats"]):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(**kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    return {"seconds": min(times), "peak_mib": peak, "weights_mib": weights}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=256, help="DiT inner width, a multiple of 128 (full model: 3072)")
+    p.add_argument("--double", type=int, default=2, help="double-stream blocks (full: 20)")
+    p.add_argument("--single", type=int, default=4, help="single-stream blocks (full: 40)")
+    p.add_argument("--text_dim", type=int, default=4096, help="LLaMA feature width (full: 4096)")
+    p.add_argument("--text_tokens", type=int, default=64, help="valid prompt tokens")
+    p.add_argument("--height", type=int, default=256, help="video height in pixels")
+    p.add_argument("--width_px", type=int, default=256, help="video width in pixels")
+    p.add_argument("--lws", type=int, default=9, help="latent window size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--blocks_to_swap", type=int, default=0, help="also run with this many blocks swapped (CUDA)")
+    args = p.parse_args()
+
+    base = {k: v for k, v in vars(args).items()}
+    variants = [("bf16", {}), ("fp8_scaled", {"fp8_scaled": True})]
+    if args.blocks_to_swap and args.device.startswith("cuda"):
+        variants.append((f"block swap {args.blocks_to_swap}", {"blocks_to_swap": args.blocks_to_swap}))
+    results = []
+    for name, extra in variants:
+        cfg = {**base, "fp8_scaled": False, "gradient_checkpointing": False, "blocks_to_swap": 0, **extra}
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True, check=True
+        )
+        results.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+    tokens = (args.height // 16) * (args.width_px // 16) * args.lws
+    print(
+        f"DiT forward: width {args.width}, {args.double}+{args.single} blocks, {args.height}x{args.width_px}, "
+        f"{tokens} noisy tokens, device {args.device}"
+    )
+    base_r = results[0][1]
+    for name, r in results:
+        print(
+            f"  {name:16s} {r['seconds']:8.3f} s  ({r['seconds'] / base_r['seconds']:.2f}x)   "
+            f"peak {r['peak_mib']:9.1f} MiB  ({r['peak_mib'] / base_r['peak_mib']:.2f}x)   "
+            f"weights {r['weights_mib']:8.1f} MiB  ({r['weights_mib'] / base_r['weights_mib']:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(run_one(json.loads(sys.argv[2]))))
+    else:
+        main()

@@ -1,0 +1,8 @@
+"""FramePack image-to-video generation. Run with --help for every flag."""
+
+import sys
+
+from frame_pack.generate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

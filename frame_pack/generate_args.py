@@ -1,0 +1,381 @@
+"""Command-line flags of fpack_generate_video.py and the inline grammar of prompt files / interactive lines.
+
+Flag names, types and defaults are the reference's. Validation happens here, before any model is loaded, and every
+message names the flag at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+from frame_pack.attention import ATTN_MODES
+from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
+from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
+
+OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
+DEFAULT_TOKENIZER_REPO = "hunyuanvideo-community/HunyuanVideo"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fpack_generate_video.py",
+        description="FramePack image-to-video generation (original inverted anti-drifting, or F1 with --f1).",
+        formatter_class=_Formatter,
+        epilog=(
+            "Prompt files (--from_file) and --interactive lines take inline options that override the flags:\n"
+            "  --w width  --h height  --f video_seconds  --d seed  --s infer_steps  --g/--l guidance_scale\n"
+            "  --i image_path  --im image mask (accepted, unused as in the reference)  --n negative_prompt\n"
+            "  --vs video_sections  --ei end_image_path  --ci control image (repeatable)\n"
+            "  --cim control image mask (repeatable)  --of one_frame_inference options"
+        ),
+    )
+    models = p.add_argument_group("models")
+    models.add_argument(
+        "--dit",
+        type=str,
+        default=None,
+        help="DiT: first shard, shard folder, snapshot folder or single .safetensors file",
+    )
+    models.add_argument("--vae", type=str, default=None, help="HunyuanVideo VAE file or snapshot folder")
+    models.add_argument(
+        "--text_encoder1",
+        type=str,
+        default=None,
+        help="LLaMA text encoder (Comfy single file, first HF shard or snapshot folder); required unless --latent_path",
+    )
+    models.add_argument(
+        "--text_encoder2",
+        type=str,
+        default=None,
+        help="CLIP-L text encoder file or snapshot folder; required unless --latent_path",
+    )
+    models.add_argument(
+        "--image_encoder",
+        type=str,
+        default=None,
+        help="SigLIP image encoder file or snapshot folder; required unless --latent_path",
+    )
+    models.add_argument(
+        "--tokenizer1",
+        type=str,
+        default=None,
+        help=f"LLaMA tokenizer: a local folder or hub id (default: the snapshot's tokenizer/ if "
+        f"--text_encoder1 is a snapshot, else {DEFAULT_TOKENIZER_REPO} subfolder tokenizer)",
+    )
+    models.add_argument(
+        "--tokenizer2",
+        type=str,
+        default=None,
+        help=f"CLIP tokenizer: a local folder or hub id (default: the snapshot's tokenizer_2/, else "
+        f"{DEFAULT_TOKENIZER_REPO} subfolder tokenizer_2)",
+    )
+    models.add_argument("--f1", action="store_true", help="FramePack-F1 sampling (vanilla, forward in time)")
+
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora_weight", type=str, nargs="*", default=None, help="LoRA files, merged in order")
+    lora.add_argument(
+        "--lora_multiplier", type=float, nargs="*", default=1.0, help="one multiplier per LoRA, or one for all"
+    )
+    lora.add_argument(
+        "--include_patterns", type=str, nargs="*", default=None, help="per LoRA: regex of module keys to keep"
+    )
+    lora.add_argument(
+        "--exclude_patterns", type=str, nargs="*", default=None, help="per LoRA: regex of module keys to drop"
+    )
+    lora.add_argument("--lycoris", action="store_true", help="merge LoRAs through LyCORIS (lycoris-lora package)")
+    lora.add_argument(
+        "--save_merged_model",
+        type=str,
+        default=None,
+        help="save the DiT with LoRAs merged to this path and stop (needs --lora_weight)",
+    )
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument(
+        "--prompt",
+        type=str,
+        default=None,
+        help='prompt; per-section prompts as "0:text;;;-1:text" (indices, negatives, ranges S-E)',
+    )
+    gen.add_argument(
+        "--negative_prompt", type=str, default=None, help="negative prompt (used when guidance_scale != 1)"
+    )
+    gen.add_argument("--custom_system_prompt", type=str, default=None, help="replace LLaMA's default system prompt")
+    gen.add_argument(
+        "--video_size",
+        type=int,
+        nargs=2,
+        default=[256, 256],
+        metavar=("HEIGHT", "WIDTH"),
+        help="video height and width in pixels (multiples of 16)",
+    )
+    gen.add_argument("--video_seconds", type=float, default=5.0, help="video length in seconds")
+    gen.add_argument("--video_sections", type=int, default=None, help="number of sections (overrides --video_seconds)")
+    gen.add_argument("--fps", type=int, default=30, help="frames per second of the output video")
+    gen.add_argument("--infer_steps", type=int, default=25, help="sampling steps per section")
+    gen.add_argument("--seed", type=int, default=None, help="seed (random and printed when omitted)")
+    gen.add_argument("--latent_window_size", type=int, default=9, help="latent frames generated per section")
+    gen.add_argument("--embedded_cfg_scale", type=float, default=10.0, help="distilled guidance scale")
+    gen.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="real CFG scale; 1.0 runs one model call per step and ignores the negative prompt",
+    )
+    gen.add_argument("--guidance_rescale", type=float, default=0.0, help="CFG rescale factor (0 = off)")
+    gen.add_argument(
+        "--sample_solver",
+        type=str,
+        default="unipc",
+        choices=SAMPLE_SOLVERS,
+        help="sampler; only unipc is implemented (as in the reference)",
+    )
+    gen.add_argument(
+        "--image_path", type=str, default=None, help='start image; per-section start images as "0:a.png;;;2:b.png"'
+    )
+    gen.add_argument("--end_image_path", type=str, default=None, help="end image (ignored with --f1)")
+    gen.add_argument(
+        "--latent_paddings",
+        type=str,
+        default=None,
+        help="comma-separated latent paddings per section, e.g. 0,0,0,0 (ignored with --f1)",
+    )
+    gen.add_argument(
+        "--one_frame_inference",
+        type=str,
+        default=None,
+        help="one-frame mode options: no_2x,no_4x,no_post,target_index=N,control_index=A;B,default",
+    )
+    gen.add_argument("--control_image_path", type=str, nargs="*", default=None, help="control images (one-frame)")
+    gen.add_argument(
+        "--control_image_mask_path", type=str, nargs="*", default=None, help="masks for the control images (one-frame)"
+    )
+    gen.add_argument("--rope_scaling_factor", type=float, default=0.5, help="RoPE H/W position scale")
+    gen.add_argument(
+        "--rope_scaling_timestep_threshold",
+        type=int,
+        default=None,
+        help="apply RoPE scaling while the timestep is at or above this value (off when omitted)",
+    )
+
+    mem = p.add_argument_group("memory and speed")
+    mem.add_argument("--fp8", action="store_true", help="store the DiT block weights in fp8")
+    mem.add_argument("--fp8_scaled", action="store_true", help="fp8 with a per-tensor scale (better quality)")
+    mem.add_argument("--fp8_llm", action="store_true", help="run the LLaMA text encoder in fp8")
+    mem.add_argument("--device", type=str, default=None, help="device (default: cuda if available, else cpu)")
+    mem.add_argument(
+        "--attn_mode",
+        type=str,
+        default="torch",
+        choices=[m for m in ATTN_MODES if m != "flash3"],
+        help="attention backend",
+    )
+    mem.add_argument("--vae_chunk_size", type=int, default=None, help="VAE causal-conv chunk size (saves memory)")
+    mem.add_argument(
+        "--vae_spatial_tile_sample_min_size",
+        type=int,
+        default=None,
+        help="VAE spatial tile size in pixels (default tiling: 256)",
+    )
+    mem.add_argument("--bulk_decode", action="store_true", help="decode all latents in one VAE call")
+    mem.add_argument(
+        "--blocks_to_swap",
+        type=int,
+        default=0,
+        help=f"DiT blocks kept on the CPU (at most {MAX_BLOCKS_TO_SWAP_INFERENCE})",
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument("--save_path", type=str, default=None, help="output folder (required)")
+    out.add_argument("--output_type", type=str, default="video", choices=OUTPUT_TYPES, help="what to save")
+    out.add_argument("--no_metadata", action="store_true", help="do not store settings in saved latents and videos")
+    out.add_argument(
+        "--latent_path", type=str, nargs="*", default=None, help="decode these saved latent files instead of generating"
+    )
+
+    modes = p.add_argument_group("batch and interactive")
+    modes.add_argument("--from_file", type=str, default=None, help="prompt file: one prompt per line")
+    modes.add_argument("--interactive", action="store_true", help="read prompts from standard input")
+    return p
+
+
+def _positive(name: str, value, allow_zero: bool = False):
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check flag combinations and values before anything is loaded; raises ValueError naming the flag."""
+    if args.save_path is None:
+        raise ValueError("--save_path is required")
+    if args.from_file and args.interactive:
+        raise ValueError("--from_file and --interactive cannot be used together")
+    decode_only = bool(args.latent_path)
+    if not decode_only:
+        if not (args.prompt or args.from_file or args.interactive):
+            raise ValueError("give --prompt, --from_file or --interactive (or --latent_path to decode)")
+        for flag in ("dit", "text_encoder1", "text_encoder2", "image_encoder"):
+            if getattr(args, flag) is None:
+                raise ValueError(f"--{flag} is required for generation")
+        if args.prompt and not args.from_file and not args.interactive and not args.image_path:
+            raise ValueError("--image_path is required: FramePack generates video from a start image")
+    if args.vae is None and not (args.output_type == "latent" and not decode_only):
+        raise ValueError(f"--vae is required (for encoding images and for --output_type {args.output_type})")
+    try:
+        validate_sample_solver(args.sample_solver)
+    except ValueError as e:
+        raise ValueError(f"--sample_solver: {e}") from None
+    check_video_size(args.video_size[0], args.video_size[1], "--video_size")
+    _positive("--infer_steps", args.infer_steps)
+    _positive("--latent_window_size", args.latent_window_size)
+    _positive("--fps", args.fps)
+    _positive("--video_seconds", args.video_seconds)
+    _positive("--video_sections", args.video_sections)
+    _positive("--blocks_to_swap", args.blocks_to_swap, allow_zero=True)
+    _positive("--vae_chunk_size", args.vae_chunk_size)
+    _positive("--vae_spatial_tile_sample_min_size", args.vae_spatial_tile_sample_min_size)
+    if args.blocks_to_swap > MAX_BLOCKS_TO_SWAP_INFERENCE:
+        raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: at most {MAX_BLOCKS_TO_SWAP_INFERENCE}")
+    if args.save_merged_model and not args.lora_weight:
+        raise ValueError("--save_merged_model needs --lora_weight (there is nothing to merge)")
+    if args.lora_weight:
+        mult = args.lora_multiplier
+        mults = [mult] if isinstance(mult, float) else list(mult)
+        if len(mults) not in (1, len(args.lora_weight)) and mults:
+            raise ValueError(
+                f"--lora_multiplier: give one value for all or one per LoRA ({len(args.lora_weight)}), got {len(mults)}"
+            )
+    for flag in ("image_path", "end_image_path", "from_file"):
+        check_image_spec(getattr(args, flag), f"--{flag}")
+    for flag in ("control_image_path", "control_image_mask_path", "latent_path", "lora_weight"):
+        for value in getattr(args, flag) or []:
+            if not os.path.exists(value):
+                raise ValueError(f"--{flag} {value}: file not found")
+
+
+def check_image_spec(value: str | None, flag: str) -> None:
+    """Every file named by a path or a `SECTION:path;;;...` spec must exist."""
+    if not value:
+        return
+    from frame_pack.sections import parse_section_spec
+
+    paths = parse_section_spec(value).values() if ";;;" in value else [value]
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"{flag} {path}: file not found")
+
+
+def check_video_size(height: int, width: int, where: str) -> None:
+    """Sizes must be multiples of 16: latents are /8 and the DiT patchifies them by 2."""
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % 16:
+            hint = f" (nearest: {max(16, round(v / 16) * 16)})" if v > 0 else ""
+            raise ValueError(f"{where}: {name} {v} is not a positive multiple of 16{hint}")
+
+
+def lora_multipliers(args: argparse.Namespace) -> list[float]:
+    """One multiplier per --lora_weight: a single value applies to all (the reference crashed on its default)."""
+    count = len(args.lora_weight or [])
+    mult = args.lora_multiplier
+    mults = [mult] if isinstance(mult, (int, float)) else list(mult or [1.0])
+    return mults * count if len(mults) == 1 else mults
+
+
+# ---- prompt lines ------------------------------------------------------------------------------------------------
+
+# inline option -> (namespace attribute, converter); `ci` and `cim` append.
+INLINE_OPTIONS = {
+    "w": ("video_size", int),
+    "h": ("video_size", int),
+    "f": ("video_seconds", float),
+    "d": ("seed", int),
+    "s": ("infer_steps", int),
+    "g": ("guidance_scale", float),
+    "l": ("guidance_scale", float),
+    "i": ("image_path", str),
+    "im": ("image_mask_path", str),
+    "n": ("negative_prompt", str),
+    "vs": ("video_sections", int),
+    "ei": ("end_image_path", str),
+    "ci": ("control_image_path", str),
+    "cim": ("control_image_mask_path", str),
+    "of": ("one_frame_inference", str),
+}
+
+
+class PromptLineError(ValueError):
+    pass
+
+
+def parse_prompt_line(line: str) -> dict:
+    """`prompt --w 832 --h 480 --d 42 ...` -> {'prompt': ..., option: value}. Unknown options are errors."""
+    parts = line.split(" --")
+    result: dict = {"prompt": parts[0].strip()}
+    if not result["prompt"]:
+        raise PromptLineError("empty prompt")
+    for part in parts[1:]:
+        name, _, value = part.strip().partition(" ")
+        value = value.strip()
+        if name not in INLINE_OPTIONS:
+            known = " ".join(f"--{k}" for k in INLINE_OPTIONS)
+            raise PromptLineError(f"unknown option --{name} (known: {known})")
+        attr, convert = INLINE_OPTIONS[name]
+        if value == "":
+            raise PromptLineError(f"--{name} needs a value")
+        try:
+            converted = convert(value)
+        except ValueError:
+            raise PromptLineError(f"--{name} {value!r}: expected {convert.__name__}") from None
+        if name in ("ci", "cim"):
+            result.setdefault(name, []).append(converted)
+        else:
+            result[name] = converted
+    return result
+
+
+def apply_prompt_line(base: argparse.Namespace, parsed: dict) -> argparse.Namespace:
+    """A deep copy of the base flags with the line's overrides applied, validated like the command line."""
+    args = copy.deepcopy(base)
+    args.prompt = parsed["prompt"]
+    for name, value in parsed.items():
+        if name == "prompt":
+            continue
+        attr, _ = INLINE_OPTIONS[name]
+        if name == "w":
+            args.video_size = [args.video_size[0], value]
+        elif name == "h":
+            args.video_size = [value, args.video_size[1]]
+        elif name in ("ci", "cim"):
+            setattr(args, attr, list(value))
+        else:
+            setattr(args, attr, value)
+    check_video_size(args.video_size[0], args.video_size[1], "--w/--h")
+    try:
+        check_image_spec(args.image_path, "--i")
+        check_image_spec(args.end_image_path, "--ei")
+        for flag, paths in (("--ci", args.control_image_path), ("--cim", args.control_image_mask_path)):
+            for path in paths or []:
+                check_image_spec(path, flag)
+    except ValueError as e:
+        raise PromptLineError(str(e)) from None
+    _positive("--s", args.infer_steps)
+    _positive("--f", args.video_seconds)
+    _positive("--vs", args.video_sections)
+    return args
+
+
+def read_prompt_file(path: str) -> list[tuple[int, str]]:
+    """Non-empty, non-comment lines with their 1-based line numbers."""
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                lines.append((number, line))
+    return lines

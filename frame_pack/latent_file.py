@@ -1,0 +1,64 @@
+"""Saved latents: the reference's file format, so latents written by one tool decode in the other.
+
+One tensor under key `latent`, fp32, (16, T, h, w); settings as string metadata (omitted with --no_metadata).
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+
+from utils.safetensors_utils import save_safetensors
+
+LATENT_KEY = "latent"
+
+
+def latent_metadata(args, seed: int, height: int, width: int) -> dict[str, str]:
+    """The reference's metadata keys (all strings); `negative_prompt` only when given."""
+    meta = {
+        "seeds": str(seed),
+        "prompt": str(args.prompt),
+        "height": str(height),
+        "width": str(width),
+        "video_seconds": str(args.video_seconds),
+        "infer_steps": str(args.infer_steps),
+        "guidance_scale": str(args.guidance_scale),
+        "latent_window_size": str(args.latent_window_size),
+        "embedded_cfg_scale": str(args.embedded_cfg_scale),
+        "guidance_rescale": str(args.guidance_rescale),
+        "sample_solver": str(args.sample_solver),
+        "fps": str(args.fps),
+    }
+    if args.negative_prompt:
+        meta["negative_prompt"] = str(args.negative_prompt)
+    # Not in the reference; readers ignore unknown keys.
+    meta["f1"] = str(bool(args.f1))
+    if args.video_sections is not None:
+        meta["video_sections"] = str(args.video_sections)
+    if args.one_frame_inference:
+        meta["one_frame_inference"] = str(args.one_frame_inference)
+    return meta
+
+
+def save_latent(latent: torch.Tensor, path: str, metadata: dict[str, str] | None) -> str:
+    """latent: (16, T, h, w) or (1, 16, T, h, w); written as fp32 (16, T, h, w)."""
+    if latent.dim() == 5:
+        latent = latent[0]
+    save_safetensors({LATENT_KEY: latent.float().cpu()}, path, metadata=metadata)
+    return path
+
+
+def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
+    """-> ((16, T, h, w) tensor, metadata). Accepts the reference's 4-D and 5-D files and torch.save files."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            if LATENT_KEY not in f.keys():
+                raise ValueError(f"--latent_path {path}: no tensor named '{LATENT_KEY}' (keys: {list(f.keys())[:5]})")
+            latent, metadata = f.get_tensor(LATENT_KEY), f.metadata() or {}
+    else:
+        latent, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+    if latent.dim() == 5:
+        latent = latent.squeeze(0)
+    if latent.dim() != 4 or latent.shape[0] != 16:
+        raise ValueError(f"--latent_path {path}: expected a (16, T, h, w) latent, got {tuple(latent.shape)}")
+    return latent, metadata
