@@ -1,0 +1,186 @@
+"""LoRA at inference: merge LoRA files into the loaded DiT (before fp8), and save the merged DiT.
+
+Per file: load, convert to the musubi FramePack layout (`networks.lora_convert`), filter keys with the file's
+include/exclude regex (`search`, include first), then W <- W + m * (up @ down) * (alpha / rank) for each module,
+one module at a time in float32 on `device`, written back into the weight in its own dtype and device. Keys that
+match no Linear of the DiT's blocks are reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from networks.lora import ALPHA_KEY, DOWN_KEY, UP_KEY, merge_into_linear
+from networks.lora_convert import LoraFormatError, convert_to_framepack, group_by_module, load_lora_file
+from networks.lora_framepack import target_linears
+from utils.safetensors_utils import save_safetensors
+
+logger = logging.getLogger(__name__)
+
+
+class LycorisUnavailableError(ImportError):
+    """`--lycoris` without the lycoris-lora package."""
+
+
+@dataclass
+class LoraMergeReport:
+    """What one LoRA file did to the model."""
+
+    path: str
+    multiplier: float
+    formats: dict[str, int] = field(default_factory=dict)
+    merged: list[str] = field(default_factory=list)  # musubi module names merged
+    filtered_out: int = 0  # keys removed by the include/exclude patterns
+    unmatched: list[str] = field(default_factory=list)  # keys that reached no DiT weight
+
+
+def _multipliers(values, count: int) -> list[float]:
+    """One multiplier for every LoRA, or one per LoRA; default 1.0."""
+    if values is None:
+        return [1.0] * count
+    values = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise ValueError(f"{len(values)} multipliers given for {count} LoRA files; give one, or one per LoRA")
+    return values
+
+
+def _patterns(values, count: int, what: str) -> list[str | None]:
+    """Regex per LoRA by position (as the reference: LoRAs past the end of the list are not filtered)."""
+    if values is None or isinstance(values, str):
+        return [values] * count
+    values = list(values)
+    if len(values) > count:
+        raise ValueError(f"{len(values)} {what} given for {count} LoRA files")
+    for pattern in values:
+        try:
+            re.compile(pattern or "")
+        except re.error as e:
+            raise ValueError(f"invalid {what[:-1]} {pattern!r}: {e}") from e
+    return values + [None] * (count - len(values))
+
+
+def _filter(sd: dict, include: str | None, exclude: str | None, report: LoraMergeReport) -> dict:
+    """Keep the keys `include` finds (re.search), then drop those `exclude` finds."""
+    kept = sd
+    if include:
+        kept = {k: v for k, v in kept.items() if re.search(include, k)}
+    if exclude:
+        kept = {k: v for k, v in kept.items() if not re.search(exclude, k)}
+    report.filtered_out = len(sd) - len(kept)
+    if report.filtered_out:
+        logger.info(f"{report.path}: include/exclude patterns kept {len(kept)} of {len(sd)} keys")
+    return kept
+
+
+def _import_lycoris():
+    try:
+        from lycoris.kohya import create_network_from_weights
+    except ImportError as e:
+        raise LycorisUnavailableError(
+            "--lycoris needs the LyCORIS library, which is not installed: pip install lycoris-lora"
+        ) from e
+    return create_network_from_weights
+
+
+def _merge_modules(linears: dict[str, nn.Linear], sd: dict, multiplier: float, device, dtype) -> tuple[list, list]:
+    """Merge a musubi FramePack state dict; returns (merged module names, keys that reached no Linear)."""
+    merged, unmatched = [], []
+    for name, parts in group_by_module(sd).items():
+        linear = linears.get(name)
+        if linear is None or DOWN_KEY not in parts or UP_KEY not in parts:
+            unmatched.extend(f"{name}.{kind}" for kind in parts)
+            continue
+        rank = parts[DOWN_KEY].shape[0]
+        scale = float(parts.get(ALPHA_KEY, rank)) / rank
+        if multiplier != 0:  # skipping keeps the weights bit-identical (no round trip through float32)
+            merge_into_linear(linear, parts[DOWN_KEY], parts[UP_KEY], scale, multiplier, dtype, device)
+        merged.append(name)
+    return merged, unmatched
+
+
+def _merge_file(linears, path, sd, metadata, multiplier, include, exclude, device, dtype) -> LoraMergeReport:
+    rows = {name: linear.out_features for name, linear in linears.items()}
+    converted = convert_to_framepack(sd, metadata, target_rows=rows, source=path)
+    report = LoraMergeReport(path, multiplier, converted.formats)
+    filtered = _filter(converted.state_dict, include, exclude, report)
+    report.merged, unmatched = _merge_modules(linears, filtered, multiplier, device, dtype)
+    report.unmatched = converted.unrecognized + converted.source_keys(unmatched)
+    logger.info(f"{path}: merged {len(report.merged)} modules")
+    if report.unmatched:
+        shown = ", ".join(report.unmatched[:8]) + (" ..." if len(report.unmatched) > 8 else "")
+        if not report.merged:
+            raise LoraFormatError(f"{path}: no key matches a module of this DiT (a LoRA for another model?): {shown}")
+        logger.warning(f"{path}: {len(report.unmatched)} keys match no module of this DiT, not merged: {shown}")
+    return report
+
+
+def _merge_lycoris_file(model, create_network, path, sd, multiplier, include, exclude, device, dtype):
+    report = LoraMergeReport(path, multiplier, {"LyCORIS": len(sd)})
+    filtered = _filter(sd, include, exclude, report)
+    network, _ = create_network(
+        multiplier=multiplier,
+        file=None,
+        weights_sd=filtered,
+        unet=model,
+        text_encoder=None,
+        vae=None,
+        for_inference=True,
+    )
+    network.merge_to(None, model, filtered, dtype=dtype, device=device)
+    return report
+
+
+def merge_lora_files(
+    model: nn.Module,
+    lora_paths: Sequence[str],
+    multipliers: float | Sequence[float] | None = None,
+    include_patterns: str | Sequence[str | None] | None = None,
+    exclude_patterns: str | Sequence[str | None] | None = None,
+    device: torch.device | str | None = None,
+    lycoris: bool = False,
+    dtype: torch.dtype | None = None,
+) -> list[LoraMergeReport]:
+    """Merge each LoRA file into `model` in order and return one report per file.
+
+    `multipliers`: one for every LoRA or one per LoRA (default 1.0). `include_patterns`/`exclude_patterns`: a regex
+    for every LoRA, or a list with one entry (or None) per LoRA by position. `device`: where the float32 merge is
+    computed (default: each weight's own device). `dtype`: round the merged weights through this dtype (the
+    trainer's `--base_weights` merge uses the mixed-precision dtype). A file none of whose keys fits the DiT is an
+    error (LoraFormatError), as is a file in no known layout.
+    """
+    paths = [str(p) for p in lora_paths]
+    multipliers = _multipliers(multipliers, len(paths))
+    includes = _patterns(include_patterns, len(paths), "include patterns")
+    excludes = _patterns(exclude_patterns, len(paths), "exclude patterns")
+    create_lycoris_network = _import_lycoris() if lycoris else None
+    linears = target_linears(model)
+
+    reports = []
+    for path, multiplier, include, exclude in zip(paths, multipliers, includes, excludes):
+        logger.info(f"merging LoRA {path} with multiplier {multiplier}")
+        sd, metadata = load_lora_file(path)
+        if lycoris:
+            args = (model, create_lycoris_network, path, sd, multiplier, include, exclude, device, dtype)
+            reports.append(_merge_lycoris_file(*args))
+        else:
+            reports.append(_merge_file(linears, path, sd, metadata, multiplier, include, exclude, device, dtype))
+    return reports
+
+
+def save_merged_model(model: nn.Module, path: str) -> None:
+    """Write the DiT state dict (merged, before fp8) as one safetensors file that `load_packed_model` reads back."""
+    state = model.state_dict()
+    if any(k.endswith("scale_weight") for k in state) or any(
+        t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in state.values()
+    ):
+        raise RuntimeError("save the merged model before fp8 quantization: an fp8 DiT is not a loadable --dit file")
+    logger.info(f"saving merged DiT to {path}")
+    save_safetensors(state, path, metadata={"format": "pt"})
