@@ -259,3 +259,44 @@ def test_help_lists_every_reference_flag_with_its_default():
     for row in reference:
         assert row["flags"][0] in help_text
     assert "(default: 25)" in help_text  # --infer_steps
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    from tests.factory.dit import tiny_dit_config
+    from tests.factory.lora import framepack_lora
+    from utils.safetensors_utils import save_safetensors
+
+    path = tmp_path_factory.mktemp("lora") / "tiny_lora.safetensors"
+    save_safetensors(framepack_lora(tiny_dit_config(), rank=4, alpha=4.0, seed=3), path)
+    return str(path)
+
+
+def generate_latent_file(models, images, out, *extra):
+    run(models, out, "--image_path", images[0], "--prompt", "p", "--seed", "21", "--video_sections", "1",
+        "--output_type", "latent", *extra)  # fmt: skip
+    (path,) = files(out, ".safetensors")
+    return load_latent(path)[0]
+
+
+def test_lora_changes_the_output_and_multiplier_zero_reproduces_the_base(models, images, lora_file, tmp_path):
+    base = generate_latent_file(models, images, tmp_path / "base")
+    with_lora = generate_latent_file(models, images, tmp_path / "lora", "--lora_weight", lora_file)
+    zero = generate_latent_file(models, images, tmp_path / "zero", "--lora_weight", lora_file, "--lora_multiplier", "0")
+    assert not torch.equal(base, with_lora)
+    assert torch.equal(base, zero)
+
+
+def test_saved_merged_model_loads_as_dit_and_generates_the_same_latents(models, images, lora_file, tmp_path):
+    from dataclasses import replace
+
+    merged = tmp_path / "merged.safetensors"
+    run(models, tmp_path / "unused", "--image_path", images[0], "--prompt", "p", "--lora_weight", lora_file,
+        "--lora_multiplier", "0.7", "--save_merged_model", str(merged))  # fmt: skip
+    assert merged.exists()
+    assert not (tmp_path / "unused").exists() or not files(tmp_path / "unused", ".mp4")
+    at_run_time = generate_latent_file(
+        models, images, tmp_path / "a", "--lora_weight", lora_file, "--lora_multiplier", "0.7"
+    )
+    from_merged = generate_latent_file(replace(models, dit=merged), images, tmp_path / "b")
+    assert torch.equal(at_run_time, from_merged)
