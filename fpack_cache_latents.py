@@ -1,15 +1,8 @@
-"""fpack_cache_latents.py: not implemented yet in this project (see the open issues)."""
+"""Cache FramePack latents and image embeddings of a dataset for training. Run with --help for every flag."""
 
-import argparse
 import sys
 
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="fpack_cache_latents.py", description="Not implemented yet; see the project's issues.")
-    parser.parse_args()
-    print("fpack_cache_latents.py is not implemented yet", file=sys.stderr)
-    return 2
-
+from frame_pack.cache_latents import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,15 +1,8 @@
-"""fpack_cache_text_encoder_outputs.py: not implemented yet in this project (see the open issues)."""
+"""Cache FramePack text encoder outputs (LLaMA and CLIP-L) of a dataset's captions. Run with --help for every flag."""
 
-import argparse
 import sys
 
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="fpack_cache_text_encoder_outputs.py", description="Not implemented yet; see the project's issues.")
-    parser.parse_args()
-    print("fpack_cache_text_encoder_outputs.py is not implemented yet", file=sys.stderr)
-    return 2
-
+from frame_pack.cache_text_encoder_outputs import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,206 @@
+"""What both caching scripts share: common flags, cache-file validity, atomic saves, stale-file cleanup.
+
+A cache file counts as complete only when its header opens, the file is as long as the header promises, and it holds
+exactly the expected tensor names with the expected dtypes and shapes (and, where given, the expected small tensors
+such as RoPE indices, compared by value). Anything else, a truncated or foreign file included, is redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from utils.safetensors_utils import SAFETENSORS_DTYPES, TensorInfo, WeightFileError, read_header
+
+logger = logging.getLogger(__name__)
+
+# read_header raises WeightFileError for short or truncated files; a JSON header of another shape raises the others
+HEADER_ERRORS = (WeightFileError, ValueError, KeyError, TypeError, AttributeError)
+
+
+class CachingError(ValueError):
+    """Bad input for a caching run (flags, dataset kinds, clip lengths); the message says what to change."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags both caching scripts take, with the reference's names and defaults."""
+    parser.add_argument("--dataset_config", type=str, required=True, help="dataset config file (.toml or .json)")
+    parser.add_argument(
+        "--device", type=str, default=None, help="device for the models; None: cuda if available, else cpu"
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="batch size of the datasets whose config sets none; encoding runs item by item (one seed per item), "
+        "so results do not depend on it",
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="threads that load and resize media or read captions; None: CPU count - 1, at least 1",
+    )
+    parser.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="skip items whose cache files are all complete (open, with the expected tensors); others are redone",
+    )
+    parser.add_argument(
+        "--keep_cache", action="store_true", help="keep cache files that no item of the config produces"
+    )
+    return parser
+
+
+def resolve_device(name: str | None) -> torch.device:
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_num_workers(num_workers: int | None) -> int:
+    return num_workers if num_workers is not None else max(1, (os.cpu_count() or 1) - 1)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float16`, `int64`, ...: the dtype token of cache tensor names."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ExpectedTensor:
+    """One tensor a complete cache file holds. `None` in `shape` accepts any size; `value` is compared exactly."""
+
+    dtype: torch.dtype
+    shape: tuple[int | None, ...]
+    value: torch.Tensor | None = None
+
+    def mismatch(self, info: TensorInfo) -> str | None:
+        dtype = SAFETENSORS_DTYPES.get(info.dtype)
+        if dtype != self.dtype:
+            return f"dtype {info.dtype}, expected {dtype_name(self.dtype)}"
+        if len(info.shape) != len(self.shape) or any(e is not None and e != s for e, s in zip(self.shape, info.shape)):
+            return f"shape {tuple(info.shape)}, expected {self.shape}"
+        return None
+
+
+def expected_layout(
+    tensors: Mapping[str, torch.Tensor], compare_values: Iterable[str] = (), any_size: Iterable[str] = ()
+) -> dict[str, ExpectedTensor]:
+    """The layout of `tensors` (real or `meta` tensors). Tensors named in `compare_values` must match by value,
+    those in `any_size` only by dtype and rank."""
+    compare, loose = set(compare_values), set(any_size)
+    return {
+        key: ExpectedTensor(
+            t.dtype,
+            (None,) * t.ndim if key in loose else tuple(t.shape),
+            t.detach().cpu() if key in compare else None,
+        )
+        for key, t in tensors.items()
+    }
+
+
+def layout_problem(infos: Mapping[str, TensorInfo], expected: Mapping[str, ExpectedTensor]) -> str | None:
+    """Why a header does not hold exactly the expected tensors, or None."""
+    missing = sorted(set(expected) - set(infos))
+    if missing:
+        return f"missing {', '.join(missing)}"
+    extra = sorted(set(infos) - set(expected))
+    if extra:
+        return f"unexpected {', '.join(extra)}"
+    for key, want in expected.items():
+        problem = want.mismatch(infos[key])
+        if problem:
+            return f"{key}: {problem}"
+    return None
+
+
+def cache_file_problem(
+    path: str, expected: Mapping[str, ExpectedTensor], metadata: Mapping[str, str] | None = None
+) -> str | None:
+    """None when `path` is a complete cache holding `expected` (and `metadata` entries); otherwise the reason."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        infos, stored_metadata = read_header(path)
+    except HEADER_ERRORS as e:
+        return f"unreadable ({e})"
+    problem = layout_problem(infos, expected)
+    if problem:
+        return problem
+    for key, value in (metadata or {}).items():
+        if stored_metadata.get(key) != value:
+            return f"metadata {key} is {stored_metadata.get(key)!r}, expected {value!r}"
+    compared = {key: want.value for key, want in expected.items() if want.value is not None}
+    if compared:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key, value in compared.items():
+                    if not torch.equal(f.get_tensor(key), value):
+                        return f"{key} differs (cached with other options)"
+        except Exception as e:  # safetensors raises its own error types for damaged data
+            return f"unreadable ({e})"
+    return None
+
+
+def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes with the metadata in sorted order.
+
+    The safetensors writer emits `__metadata__` from a hash map, in an order that changes between saves, so the
+    same cache written twice would differ byte for byte. Only the header is rewritten (same padding rule: spaces
+    up to a multiple of 8 bytes); the tensor entries and data are the library's.
+    """
+    raw = safetensors_bytes(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    stored = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(stored.items()))} if stored else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: an interrupted run leaves no partial file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_cache_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
+    """Write a cache file atomically and byte-reproducibly, tensors on the CPU and contiguous; NaNs become 0 with a
+    warning."""
+    clean = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.is_floating_point() and torch.isnan(tensor).any():
+            logger.warning(f"{key} has NaN values ({what}); replaced with 0")
+            tensor = tensor.masked_fill(torch.isnan(tensor), 0)
+        clean[key] = tensor
+    write_atomically(path, deterministic_safetensors(clean, metadata))
+
+
+def remove_stale_files(found: Iterable[str], expected: Iterable[str], keep: bool) -> list[str]:
+    """Delete (or, with `keep`, only report) the files in `found` that are not in `expected`; returns them."""
+    wanted = {os.path.normpath(os.path.abspath(p)) for p in expected}
+    stale = [p for p in found if os.path.normpath(os.path.abspath(p)) not in wanted]
+    for path in stale:
+        if keep:
+            logger.info(f"keeping cache file that no item produces: {path}")
+        else:
+            os.remove(path)
+            logger.info(f"removed old cache file: {path}")
+    return stale

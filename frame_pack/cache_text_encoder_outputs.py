@@ -1,0 +1,194 @@
+"""fpack_cache_text_encoder_outputs.py: LLaMA and CLIP-L outputs of every caption, as FramePack training caches.
+
+One file per media file, `<cache_dir>/<stem>_fp_te.safetensors`, shared by all crops and sections of that file:
+`llama_vec_<dtype>` (512, hidden), `llama_attention_mask` (512,) bool, `clip_l_pooler_<dtype>` (hidden,), with the
+metadata `architecture` = framepack, `caption1` = the caption, `format_version` = 1.0.1. Captions are encoded one at a
+time (as the reference does), so `--batch_size` only sets the datasets' batch_size fallback.
+
+Differences from the reference (each deliberate):
+- `--skip_existing` keeps a file only if it is complete (readable, the three tensors with the right dtypes and
+  shapes) and was made from the same caption; a truncated file or an edited caption is redone.
+- A file is always written whole (the reference merged into an existing file, which for FramePack can only keep
+  tensors of no use).
+- Tokenizers are read offline-first (`--tokenizer1` / `--tokenizer2`, or the text encoder's snapshot folder), models
+  are checked before loading and loaded only when some caption needs encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from dataset import cache_paths
+from dataset.caching import (
+    HEADER_ERRORS,
+    CachingError,
+    ExpectedTensor,
+    add_common_arguments,
+    cache_file_problem,
+    dtype_name,
+    remove_stale_files,
+    resolve_device,
+    resolve_num_workers,
+    save_cache_file,
+)
+from dataset.config import DatasetConfigError, load_dataset_params
+from dataset.image_video_dataset import ItemInfo, build_dataset_group
+from dataset.media import MediaError
+from hunyuan_model.text_encoder import (
+    LLAMA_PADDED_LENGTH,
+    encode_prompt_conds,
+    load_text_encoder1,
+    load_text_encoder2,
+)
+from hunyuan_model.tokenizers import TokenizerUnavailableError, load_tokenizer1, load_tokenizer2
+from utils.safetensors_utils import SAFETENSORS_DTYPES, WeightFileError, read_header, resolve_weight_files
+
+logger = logging.getLogger(__name__)
+
+LLAMA_VEC_PREFIX = "llama_vec_"
+LLAMA_MASK_KEY = "llama_attention_mask"
+CLIP_POOLER_PREFIX = "clip_l_pooler_"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fpack_cache_text_encoder_outputs.py",
+        description="Cache FramePack text encoder outputs (LLaMA and CLIP-L) of every caption of a dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_arguments(parser)
+    parser.add_argument(
+        "--text_encoder1",
+        type=str,
+        required=True,
+        help="LLaMA text encoder: Comfy single file, first HF shard, or snapshot folder",
+    )
+    parser.add_argument(
+        "--text_encoder2", type=str, required=True, help="CLIP-L text encoder: single file or snapshot folder"
+    )
+    parser.add_argument("--fp8_llm", action="store_true", help="run text encoder 1 with float8_e4m3fn weights")
+    parser.add_argument(
+        "--tokenizer1",
+        type=str,
+        default=None,
+        help="LLaMA tokenizer folder (with tokenizer.json) or hub repo id; None: the text encoder's snapshot "
+        "folder, else hunyuanvideo-community/HunyuanVideo",
+    )
+    parser.add_argument(
+        "--tokenizer2",
+        type=str,
+        default=None,
+        help="CLIP tokenizer folder (with vocab.json and merges.txt) or hub repo id; None: as --tokenizer1",
+    )
+    return parser
+
+
+def text_cache_tensors(
+    llama_vec: torch.Tensor, llama_attention_mask: torch.Tensor, clip_l_pooler: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The tensors of one text cache file (unbatched), named as the reference names them."""
+    return {
+        f"{LLAMA_VEC_PREFIX}{dtype_name(llama_vec.dtype)}": llama_vec,
+        LLAMA_MASK_KEY: llama_attention_mask,
+        f"{CLIP_POOLER_PREFIX}{dtype_name(clip_l_pooler.dtype)}": clip_l_pooler,
+    }
+
+
+def text_cache_problem(path: str, caption: str) -> str | None:
+    """None when `path` is a complete text cache of `caption`; otherwise the reason.
+
+    The encoders' output dtype names the tensors, so the expected names are taken from the stored dtypes.
+    """
+    try:
+        infos, _ = read_header(path)
+    except HEADER_ERRORS:
+        infos = {}  # cache_file_problem reports why
+    expected = {LLAMA_MASK_KEY: ExpectedTensor(torch.bool, (LLAMA_PADDED_LENGTH,))}
+    for prefix, shape in ((LLAMA_VEC_PREFIX, (LLAMA_PADDED_LENGTH, None)), (CLIP_POOLER_PREFIX, (None,))):
+        stored = [key for key in infos if key.startswith(prefix)]
+        dtype = SAFETENSORS_DTYPES.get(infos[stored[0]].dtype) if len(stored) == 1 else None
+        expected[f"{prefix}{dtype_name(dtype) if dtype else '<float dtype>'}"] = ExpectedTensor(
+            dtype or torch.float16, shape
+        )
+    return cache_file_problem(path, expected, metadata={"caption1": caption})
+
+
+class TextEncoderCacher:
+    """Loads the tokenizers and text encoders on first use and writes the text cache of an item."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args = args
+        self.device = device
+        self._models = None
+
+    @property
+    def models(self):
+        if self._models is None:
+            a = self.args
+            tokenizer1 = load_tokenizer1(a.tokenizer1, a.text_encoder1)
+            tokenizer2 = load_tokenizer2(a.tokenizer2, a.text_encoder2)
+            text_encoder1 = load_text_encoder1(a.text_encoder1, self.device, fp8_llm=a.fp8_llm).eval()
+            text_encoder2 = load_text_encoder2(a.text_encoder2, self.device).eval()
+            self._models = (text_encoder1, text_encoder2, tokenizer1, tokenizer2)
+        return self._models
+
+    def cache(self, item: ItemInfo) -> None:
+        llama_vec, llama_mask, clip_pooler = encode_prompt_conds(item.caption, *self.models)
+        tensors = text_cache_tensors(llama_vec[0], llama_mask[0], clip_pooler[0])
+        metadata = cache_paths.text_encoder_cache_metadata(item.caption)
+        save_cache_file(item.text_encoder_output_cache_path, tensors, metadata, item.item_key)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "num_workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CachingError(f"--{flag} must be at least 1, got {value}")
+
+
+def check_model_paths(args: argparse.Namespace) -> None:
+    """Fail on a missing text encoder before anything is loaded."""
+    resolve_weight_files(args.text_encoder1, "--text_encoder1", subfolder="text_encoder")
+    resolve_weight_files(args.text_encoder2, "--text_encoder2", subfolder="text_encoder_2")
+
+
+def run(args: argparse.Namespace) -> None:
+    check_args(args)
+    logger.info(f"Load dataset config from {args.dataset_config}")
+    datasets = build_dataset_group(load_dataset_params(args.dataset_config, args), seed=0).datasets
+    check_model_paths(args)
+    existing = [path for dataset in datasets for path in dataset.get_all_text_encoder_output_cache_files()]
+    cacher = TextEncoderCacher(args, resolve_device(args.device))
+    num_workers = resolve_num_workers(args.num_workers)
+    expected: list[str] = []
+    for index, dataset in enumerate(datasets):
+        logger.info(f"Caching text encoder outputs of dataset [{index}] into {dataset.cache_directory}")
+        with tqdm(total=len(dataset.datasource), unit="caption", desc=f"dataset {index}") as progress:
+            for batch in dataset.retrieve_text_encoder_output_cache_batches(num_workers):
+                for item in batch:
+                    progress.update(1)
+                    path = item.text_encoder_output_cache_path
+                    expected.append(path)
+                    if args.skip_existing:
+                        problem = text_cache_problem(path, item.caption)
+                        if problem is None:
+                            logger.debug(f"{item.item_key}: text cache complete, skipped")
+                            continue
+                        logger.info(f"{item.item_key}: redoing {path}: {problem}")
+                    cacher.cache(item)
+    remove_stale_files(existing, expected, args.keep_cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (CachingError, DatasetConfigError, MediaError, WeightFileError, TokenizerUnavailableError) as e:
+        logger.error(str(e))
+        return 1
+    return 0
