@@ -8,18 +8,22 @@ such as RoPE indices, compared by value). Anything else, a truncated or foreign 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from utils.safetensors_utils import SAFETENSORS_DTYPES, TensorInfo, WeightFileError, read_header
+from utils.safetensors_utils import (
+    SAFETENSORS_DTYPES,
+    TensorInfo,
+    WeightFileError,
+    deterministic_safetensors,
+    read_header,
+    write_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +63,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--keep_cache", action="store_true", help="keep cache files that no item of the config produces"
     )
     return parser
-
-
-def resolve_device(name: str | None) -> torch.device:
-    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_num_workers(num_workers: int | None) -> int:
@@ -148,36 +148,6 @@ def cache_file_problem(
         except Exception as e:  # safetensors raises its own error types for damaged data
             return f"unreadable ({e})"
     return None
-
-
-def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file's bytes with the metadata in sorted order.
-
-    The safetensors writer emits `__metadata__` from a hash map, in an order that changes between saves, so the
-    same cache written twice would differ byte for byte. Only the header is rewritten (same padding rule: spaces
-    up to a multiple of 8 bytes); the tensor entries and data are the library's.
-    """
-    raw = safetensors_bytes(tensors, metadata=metadata)
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + length])
-    stored = header.pop("__metadata__", None)
-    ordered = ({"__metadata__": dict(sorted(stored.items()))} if stored else {}) | header
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: an interrupted run leaves no partial file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_cache_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:

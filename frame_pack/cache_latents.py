@@ -38,7 +38,6 @@ from dataset.caching import (
     dtype_name,
     expected_layout,
     remove_stale_files,
-    resolve_device,
     resolve_num_workers,
     save_cache_file,
 )
@@ -64,6 +63,7 @@ from frame_pack.sections import (
     sections_in_latent,
 )
 from hunyuan_model.vae import SPATIAL_COMPRESSION, encode_pixels, load_vae, read_vae_config
+from utils.device import resolve_device
 from utils.safetensors_utils import WeightFileError, resolve_weight_files
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,6 @@ from dataset.caching import (
     cache_file_problem,
     dtype_name,
     remove_stale_files,
-    resolve_device,
     resolve_num_workers,
     save_cache_file,
 )
@@ -45,6 +44,7 @@ from hunyuan_model.text_encoder import (
     load_text_encoder2,
 )
 from hunyuan_model.tokenizers import TokenizerUnavailableError, load_tokenizer1, load_tokenizer2
+from utils.device import resolve_device
 from utils.safetensors_utils import SAFETENSORS_DTYPES, WeightFileError, read_header, resolve_weight_files
 
 logger = logging.getLogger(__name__)

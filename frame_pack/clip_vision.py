@@ -18,12 +18,12 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from hunyuan_model.text_encoder import (
     count_layers,
-    describe_checkpoint,
     heads_from_rows,
     load_into_empty_model,
     read_config_json,
     weight_folder,
 )
+from utils.checkpoint_kinds import describe_checkpoint
 from utils.safetensors_utils import WeightFileError, read_headers, resolve_weight_files
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import os
 import torch
 
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
-from utils.checkpoint_kinds import wrong_file_message
+from utils.checkpoint_kinds import state_dict_mismatch, wrong_file_message
 from utils.safetensors_utils import WeightFileError, load_state_dict, read_headers, resolve_weight_files
 
 logger = logging.getLogger(__name__)
@@ -53,22 +53,9 @@ def read_dit_config(path: str, flag: str = "--dit") -> tuple[list[str], PackedDi
 
     with torch.device("meta"):
         expected = HunyuanVideoTransformer3DModelPacked(config).state_dict()
-    absent = [k for k in expected if k not in shapes]
-    extra = [k for k in shapes if k not in expected]
-    wrong = [
-        f"{k} {tuple(shapes[k])} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in shapes and tuple(shapes[k]) != tuple(v.shape)
-    ]
-    if absent or extra or wrong:
-        parts = []
-        if absent:
-            parts.append(f"{len(absent)} missing keys (e.g. {', '.join(absent[:3])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:3])})")
-        if wrong:
-            parts.append(f"wrong shapes: {'; '.join(wrong[:3])}")
-        raise WeightFileError(f"{flag} {path}: not a complete FramePack DiT: {'; '.join(parts)}")
+    problem = state_dict_mismatch({k: tuple(v.shape) for k, v in expected.items()}, shapes)
+    if problem:
+        raise WeightFileError(f"{flag} {path}: not a complete FramePack DiT: {problem}")
     return files, config
 
 

@@ -8,7 +8,6 @@ Random draws follow the reference: one CPU generator seeded with the seed, one n
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import random
@@ -35,23 +34,12 @@ from frame_pack.generate_args import (
 )
 from frame_pack.latent_file import latent_metadata, load_latent, save_latent
 from frame_pack.sampling import flow_match_x0_model, initial_noise, make_generator, sample_flow
+from utils.device import clean_memory, resolve_device
 from utils.video_io import save_images, save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
 
 SEED_MAX = 2**32 - 1
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def clean_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---- models --------------------------------------------------------------------------------------------------------
@@ -433,6 +421,18 @@ def run_one(args: argparse.Namespace, models: Models, device: torch.device) -> l
     return written
 
 
+LINE_ERRORS = (PromptLineError, ValueError, FileNotFoundError)
+
+
+def run_line(base: argparse.Namespace, line: str, models: Models, device: torch.device) -> list[str]:
+    """Generate one prompt-file / interactive line with its inline options applied to the base flags."""
+    args = apply_prompt_line(base, parse_prompt_line(line))
+    if not args.image_path:
+        raise PromptLineError("no start image: give --i on the line or --image_path on the command line")
+    models.args = args
+    return run_one(args, models, device)
+
+
 def run_batch(args: argparse.Namespace, device: torch.device) -> int:
     """Every prompt line in turn with models loaded once; a bad line is reported and the others still run."""
     lines = read_prompt_file(args.from_file)
@@ -441,21 +441,13 @@ def run_batch(args: argparse.Namespace, device: torch.device) -> int:
     for index, (number, line) in enumerate(lines, start=1):
         logger.info(f"prompt {index}/{len(lines)} (line {number} of {args.from_file})")
         try:
-            line_args = apply_prompt_line(args, parse_prompt_line(line))
-            check_line_images(line_args)
-            models.args = line_args
-            run_one(line_args, models, device)
-        except (PromptLineError, ValueError, FileNotFoundError) as e:
+            run_line(args, line, models, device)
+        except LINE_ERRORS as e:
             logger.error(f"{args.from_file}:{number}: {e}")
             failed.append(number)
     if failed:
         logger.error(f"{len(failed)} of {len(lines)} prompts failed (lines {', '.join(map(str, failed))})")
     return 1 if failed else 0
-
-
-def check_line_images(args: argparse.Namespace) -> None:
-    if not args.image_path:
-        raise PromptLineError("no start image: give --i on the line or --image_path on the command line")
 
 
 def run_interactive(args: argparse.Namespace, device: torch.device, stream=None) -> int:
@@ -477,11 +469,8 @@ def run_interactive(args: argparse.Namespace, device: torch.device, stream=None)
         if not line or line.startswith("#"):
             continue
         try:
-            line_args = apply_prompt_line(args, parse_prompt_line(line))
-            check_line_images(line_args)
-            models.args = line_args
-            run_one(line_args, models, device)
-        except (PromptLineError, ValueError, FileNotFoundError) as e:
+            run_line(args, line, models, device)
+        except LINE_ERRORS as e:
             logger.error(f"{e}")
         except KeyboardInterrupt:
             logger.warning("interrupted; enter the next prompt (Ctrl+D to quit)")

@@ -44,9 +44,7 @@ def validate_sample_solver(name: str) -> str:
     """Return ``name`` if it is an implemented solver; raise ValueError otherwise (scripts call this at parse time)."""
     if name not in IMPLEMENTED_SAMPLE_SOLVERS:
         known = "accepted by the reference but not implemented" if name in SAMPLE_SOLVERS else "unknown"
-        raise ValueError(
-            f"sample solver {name!r} is {known}; implemented: {', '.join(IMPLEMENTED_SAMPLE_SOLVERS)}"
-        )
+        raise ValueError(f"sample solver {name!r} is {known}; implemented: {', '.join(IMPLEMENTED_SAMPLE_SOLVERS)}")
     return name
 
 
@@ -84,8 +82,13 @@ def initial_noise(
     ``height`` and ``width`` are pixel sizes. Drawn on the generator's device (CPU) and only then moved, so the
     values do not depend on ``device``.
     """
-    shape = (batch_size, LATENT_CHANNELS, latent_frames_for(frames), height // VAE_SPATIAL_SCALE,
-             width // VAE_SPATIAL_SCALE)
+    shape = (
+        batch_size,
+        LATENT_CHANNELS,
+        latent_frames_for(frames),
+        height // VAE_SPATIAL_SCALE,
+        width // VAE_SPATIAL_SCALE,
+    )
     noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
     return noise.to(device=device) if device is not None else noise
 

@@ -142,7 +142,7 @@ def resolve_latent_paddings(sections: int, user_paddings: Sequence[int] | None =
         logger.warning(
             "latent paddings: %d values for %d sections, defaults used for the rest", len(user_paddings), sections
         )
-    return user_paddings + paddings[len(user_paddings):]
+    return user_paddings + paddings[len(user_paddings) :]
 
 
 # ------------------------------------------------------------------------------------------------ indices

@@ -24,6 +24,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
+from utils.checkpoint_kinds import describe_checkpoint, state_dict_mismatch
 from utils.safetensors_utils import TensorInfo, WeightFileError, load_state_dict, read_headers, resolve_weight_files
 
 logger = logging.getLogger(__name__)
@@ -73,25 +74,6 @@ CLIP_PREFIX = "text_model."  # transformers 4.x checkpoint names; the 5.x module
 CLIP_IGNORED_KEYS = ("text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
 
 # Key fragments that identify what a checkpoint is, for error messages. Checked in order.
-_FAMILIES = (
-    ("a LoRA network", ("lora_down.", "lora_up.", "lora_A.", "lora_B.")),
-    ("a FramePack/HunyuanVideo DiT", ("transformer_blocks.", "double_blocks.", "single_blocks.", "x_embedder.")),
-    ("a VAE", ("decoder.up_blocks.", "encoder.down_blocks.", "post_quant_conv.")),
-    ("a LLaMA text encoder", ("embed_tokens.weight",)),
-    ("a CLIP text encoder", ("text_model.embeddings.token_embedding.", "embeddings.token_embedding.")),
-    ("a SigLIP image encoder", ("vision_model.embeddings.patch_embedding.", "embeddings.patch_embedding.")),
-)
-
-
-def describe_checkpoint(keys) -> str:
-    """A short guess of what a set of tensor names belongs to, e.g. 'a VAE'."""
-    keys = list(keys)
-    for name, fragments in _FAMILIES:
-        if any(fragment in key for key in keys for fragment in fragments):
-            return name
-    return "an unrecognised checkpoint" if keys else "an empty checkpoint"
-
-
 # --- shared loading machinery (also used by frame_pack/clip_vision.py) -------------------------------------------
 
 
@@ -141,18 +123,10 @@ def load_into_empty_model(
         model = model_cls(config)
     keep = {key: new for key in infos if (new := rename(key)) is not None}
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {new: infos[key].shape for key, new in keep.items()}
-    missing = sorted(set(wanted) - set(found))
-    unexpected = sorted(set(found) - set(wanted))
-    wrong = sorted(k for k in set(wanted) & set(found) if wanted[k] != found[k])
-    if missing or unexpected or wrong:
-        parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if names:
-                parts.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+    problem = state_dict_mismatch(wanted, {new: infos[key].shape for key, new in keep.items()})
+    if problem:
         raise WeightFileError(
-            f"{flag} {path}: tensors do not fit the model built from its config ({'; '.join(parts)}); "
-            f"expected {expected}"
+            f"{flag} {path}: tensors do not fit the model built from its config ({problem}); expected {expected}"
         )
     state = load_state_dict(files, dtype=dtype, key_filter=lambda k: k in keep)
     model.load_state_dict({keep[k]: v for k, v in state.items()}, strict=True, assign=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from hunyuan_model.vae_blocks import DecoderCausal3D, EncoderCausal3D, Stride
-from utils.checkpoint_kinds import wrong_file_message
+from utils.checkpoint_kinds import state_dict_mismatch, wrong_file_message
 from utils.safetensors_utils import WeightFileError, load_state_dict, read_headers, resolve_weight_files
 
 logger = logging.getLogger(__name__)
@@ -335,18 +335,9 @@ def _check_vae_shapes(shapes: dict[str, tuple[int, ...]], path: str, flag: str) 
             expected_shapes = {k: tuple(v.shape) for k, v in AutoencoderKLCausal3D(config).state_dict().items()}
     except (ValueError, IndexError) as e:
         raise WeightFileError(f"{flag} {path}: unsupported HunyuanVideo VAE layout: {e}") from e
-    absent = [k for k in expected_shapes if k not in shapes]
-    extra = [k for k in shapes if k not in expected_shapes]
-    wrong = [f"{k} {shapes[k]} (expected {s})" for k, s in expected_shapes.items() if k in shapes and shapes[k] != s]
-    if absent or extra or wrong:
-        parts = []
-        if absent:
-            parts.append(f"{len(absent)} missing keys (e.g. {', '.join(absent[:3])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:3])})")
-        if wrong:
-            parts.append(f"wrong shapes: {'; '.join(wrong[:3])}")
-        raise WeightFileError(f"{flag} {path}: not a complete HunyuanVideo VAE: {'; '.join(parts)}")
+    problem = state_dict_mismatch(expected_shapes, shapes)
+    if problem:
+        raise WeightFileError(f"{flag} {path}: not a complete HunyuanVideo VAE: {problem}")
     return config
 
 

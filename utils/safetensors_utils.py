@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
@@ -198,3 +199,33 @@ def save_sharded(
         with open(folder / index_name, "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return names
+
+
+def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes with the metadata in sorted order.
+
+    The safetensors writer emits `__metadata__` from a hash map, in an order that changes between saves, so the
+    same cache written twice would differ byte for byte. Only the header is rewritten (same padding rule: spaces
+    up to a multiple of 8 bytes); the tensor entries and data are the library's.
+    """
+    raw = safetensors_bytes(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    stored = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(stored.items()))} if stored else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: an interrupted run leaves no partial file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
