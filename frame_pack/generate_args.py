@@ -242,6 +242,7 @@ def validate_args(args: argparse.Namespace) -> None:
     _positive("--vae_spatial_tile_sample_min_size", args.vae_spatial_tile_sample_min_size)
     if args.blocks_to_swap > MAX_BLOCKS_TO_SWAP_INFERENCE:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: at most {MAX_BLOCKS_TO_SWAP_INFERENCE}")
+    check_one_frame_options(args.one_frame_inference, "--one_frame_inference")
     if args.save_merged_model and not args.lora_weight:
         raise ValueError("--save_merged_model needs --lora_weight (there is nothing to merge)")
     if args.lora_weight:
@@ -269,6 +270,16 @@ def check_image_spec(value: str | None, flag: str) -> None:
     for path in paths:
         if not os.path.exists(path):
             raise ValueError(f"{flag} {path}: file not found")
+
+
+def check_one_frame_options(value: str | None, flag: str) -> None:
+    if value:
+        from frame_pack.sections import parse_one_frame_options
+
+        try:
+            parse_one_frame_options(value)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
 
 
 def check_video_size(height: int, width: int, where: str) -> None:
@@ -357,6 +368,7 @@ def apply_prompt_line(base: argparse.Namespace, parsed: dict) -> argparse.Namesp
             setattr(args, attr, value)
     check_video_size(args.video_size[0], args.video_size[1], "--w/--h")
     try:
+        check_one_frame_options(args.one_frame_inference, "--of")
         check_image_spec(args.image_path, "--i")
         check_image_spec(args.end_image_path, "--ei")
         for flag, paths in (("--ci", args.control_image_path), ("--cim", args.control_image_mask_path)):
