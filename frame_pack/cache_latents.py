@@ -62,13 +62,13 @@ from frame_pack.sections import (
     section_target,
     sections_in_latent,
 )
-from hunyuan_model.vae import SPATIAL_COMPRESSION, encode_pixels, load_vae, read_vae_config
+from hunyuan_model.vae import SPATIAL_COMPRESSION, compute_dtype, encode_pixels, load_vae, read_vae_config
 from utils.device import resolve_device
 from utils.safetensors_utils import WeightFileError, resolve_weight_files
 
 logger = logging.getLogger(__name__)
 
-LATENT_DTYPE = torch.float16  # the VAE and the image encoder always run in float16 for caching
+LATENT_DTYPE = torch.float16  # cached latents and image embeddings are float16, as the reference's
 DEFAULT_ONE_FRAME_CLEAN_INDICES = (0,)
 
 
@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae", type=str, default=None, help="HunyuanVideo VAE file or snapshot folder (required unless --debug_mode)"
     )
     parser.add_argument(
-        "--vae_dtype", type=str, default=None, help="not supported: FramePack's VAE always runs in float16"
+        "--vae_dtype",
+        type=str,
+        default=None,
+        help="not supported: the VAE runs in float16 on GPUs (float32 on the CPU) and caches are float16",
     )
     debug = parser.add_argument_group("debug mode (show the dataset instead of caching it)")
     debug.add_argument(
@@ -283,7 +286,9 @@ class LatentCacher:
         if self._vae is None:
             a = self.args
             logger.info(f"Loading VAE from {a.vae}")
-            self._vae = load_vae(a.vae, self.device, LATENT_DTYPE, a.vae_chunk_size, a.vae_spatial_tile_sample_min_size)
+            self._vae = load_vae(
+                a.vae, self.device, compute_dtype(self.device), a.vae_chunk_size, a.vae_spatial_tile_sample_min_size
+            )
         return self._vae
 
     @property
@@ -302,7 +307,7 @@ class LatentCacher:
 
     def encode(self, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """(F, H, W, C) uint8 → (1, 16, latent frames, h, w) float16 on the CPU."""
-        return encode_pixels(self.vae, vae_input(frames, self.vae.dtype), generator).cpu()
+        return encode_pixels(self.vae, vae_input(frames, self.vae.dtype), generator).to(LATENT_DTYPE).cpu()
 
     def cache(self, item: ItemInfo, files: list[tuple[str, dict]]) -> None:
         if self.one_frame is not None:
@@ -358,7 +363,9 @@ def _as_list(t: torch.Tensor | None) -> list[int] | None:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.vae_dtype is not None:
-        raise CachingError("--vae_dtype is not supported in FramePack: the VAE always runs in float16")
+        raise CachingError(
+            "--vae_dtype is not supported in FramePack: the VAE runs in float16 on GPUs, float32 on the CPU"
+        )
     if args.debug_mode is None and args.vae is None:
         raise CachingError("--vae is required (unless --debug_mode)")
     for flag in ("batch_size", "num_workers"):

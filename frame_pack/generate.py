@@ -82,14 +82,14 @@ class Models:
         return self._image_encoder.to(self.device)
 
     def vae(self):
-        from hunyuan_model.vae import load_vae
+        from hunyuan_model.vae import compute_dtype, load_vae
 
         if self._vae is None:
             a = self.args
             self._vae = load_vae(
                 a.vae,
                 "cpu",
-                dtype=vae_dtype(self.device),
+                dtype=compute_dtype(self.device),
                 chunk_size=a.vae_chunk_size,
                 spatial_tile_sample_min_size=a.vae_spatial_tile_sample_min_size,
             )
@@ -122,11 +122,6 @@ class Models:
         elif not self.keep:
             self._dit = None
         clean_memory(self.device)
-
-
-def vae_dtype(device: torch.device) -> torch.dtype:
-    """fp16 as the reference on GPUs; fp32 on the CPU, which has no fast fp16 3D convolutions (100x slower)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def load_dit(args: argparse.Namespace, device: torch.device):

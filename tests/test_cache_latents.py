@@ -20,7 +20,7 @@ import frame_pack.cache_latents as cl
 from dataset.image_video_dataset import ItemInfo, load_dataset_group
 from dataset.media import latent_mask
 from frame_pack.clip_vision import encode_image, load_image_encoder
-from hunyuan_model.vae import encode_pixels, load_vae
+from hunyuan_model.vae import compute_dtype, encode_pixels, load_vae
 from tests.factory.datasets import make_image_dataset, make_video_dataset, write_config, write_fake_latent_cache
 from tests.factory.dims import SIGLIP_HIDDEN
 from tests.factory.image_encoder import make_image_encoder_files
@@ -301,10 +301,10 @@ def test_inverted_sections_are_slices_of_the_seeded_video_latent(inverted, model
     group = load_dataset_group(video_config(tmp_path / "c.toml", videos, inverted), seed=0)
     item = next(i for _, batch in group.datasets[0].retrieve_latent_cache_batches(1) for i in batch)
     assert item.item_key.endswith("clip_0_00000-013.mp4")
-    vae = load_vae(models["vae"])
+    vae = load_vae(models["vae"], dtype=compute_dtype("cpu"))  # what caching runs on this CPU-only machine
     seed = zlib.crc32(f"clip_0_00000-013_{SIZE[0]:04d}x{SIZE[1]:04d}_fp.safetensors".encode())
-    pixels = torch.from_numpy(item.content[:9]).permute(3, 0, 1, 2)[None].half() / 127.5 - 1.0
-    expected = encode_pixels(vae, pixels, torch.Generator().manual_seed(seed))[0]
+    pixels = torch.from_numpy(item.content[:9]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    expected = encode_pixels(vae, pixels, torch.Generator().manual_seed(seed))[0].half()
     assert torch.equal(reconstruct(inverted, "clip_0", 1), expected)
 
     encoder = load_image_encoder(models["image_encoder"]).half()
@@ -390,14 +390,14 @@ def test_one_frame_caches(tmp_path, models, caplog):
     assert roles["latents"].shape == (16, 1, H, W) and roles["latents_clean"].shape == (16, 2, H, W)
 
     # contents: controls then target, each encoded alone with the item's seed; control alpha masks its latent
-    vae = load_vae(models["vae"])
+    vae = load_vae(models["vae"], dtype=compute_dtype("cpu"))
     group = load_dataset_group(config, seed=0)
     item = [i for _, batch in group.datasets[0].retrieve_latent_cache_batches(1) for i in batch][1]
     generator = torch.Generator().manual_seed(zlib.crc32(b"img_1_0048x0032_fp.safetensors"))
 
     def encode(image):
         pixels = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)[None, :, None]
-        return encode_pixels(vae, pixels.half() / 127.5 - 1.0, generator)[0]
+        return encode_pixels(vae, pixels.float() / 127.5 - 1.0, generator)[0].half()
 
     controls = []
     for control in item.control_content:
