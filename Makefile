@@ -15,6 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 setup: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 
 from frame_pack.attention import ATTN_MODES
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
 from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
+from hunyuan_model.tokenizers import DEFAULT_TOKENIZER_REPO
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
-DEFAULT_TOKENIZER_REPO = "hunyuanvideo-community/HunyuanVideo"
+
+logger = logging.getLogger(__name__)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -356,6 +359,9 @@ def apply_prompt_line(base: argparse.Namespace, parsed: dict) -> argparse.Namesp
     args.prompt = parsed["prompt"]
     for name, value in parsed.items():
         if name == "prompt":
+            continue
+        if name == "im":
+            logger.warning("--im (image mask) is accepted but not used, as in the reference")
             continue
         attr, _ = INLINE_OPTIONS[name]
         if name == "w":
