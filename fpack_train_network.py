@@ -5,7 +5,9 @@ import sys
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="fpack_train_network.py", description="Not implemented yet; see the project's issues.")
+    parser = argparse.ArgumentParser(
+        prog="fpack_train_network.py", description="Not implemented yet; see the project's issues."
+    )
     parser.parse_args()
     print("fpack_train_network.py is not implemented yet", file=sys.stderr)
     return 2
