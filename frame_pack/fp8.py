@@ -55,16 +55,24 @@ def _target_linears(model: nn.Module):
             yield name, module
 
 
-def apply_fp8(model: nn.Module, scaled: bool = True) -> int:
-    """Quantize the target Linear weights in place and patch their forward; returns how many were converted."""
+def apply_fp8(
+    model: nn.Module, scaled: bool = True, device: torch.device | None = None, keep_on_device: bool = False
+) -> int:
+    """Quantize the target Linear weights in place and patch their forward; returns how many were converted.
+
+    Each weight is quantized on `device` (the GPU, as the reference does: fast) and then kept there when
+    `keep_on_device`, else returned to where it was (e.g. the CPU for block swap).
+    """
     count = 0
     for _, module in _target_linears(model):
-        weight = module.weight.data
+        home = module.weight.device
+        weight = module.weight.data.to(device or home)
         if scaled:
             quantized, scale = quantize_per_tensor(weight)
             module.register_buffer("scale_weight", scale)
         else:
             quantized = weight.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        quantized = quantized if keep_on_device else quantized.to(home)
         module.weight = nn.Parameter(quantized, requires_grad=False)
         module.forward = types.MethodType(_fp8_linear_forward, module)
         count += 1

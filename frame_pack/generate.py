@@ -150,7 +150,7 @@ def load_dit(args: argparse.Namespace, device: torch.device):
             logger.info(f"merged DiT saved to {args.save_merged_model}")
             return model
     if args.fp8 or args.fp8_scaled:
-        apply_fp8(model, scaled=args.fp8_scaled)
+        apply_fp8(model, scaled=args.fp8_scaled, device=device, keep_on_device=args.blocks_to_swap == 0)
     model.enable_rope_scaling(args.rope_scaling_timestep_threshold, args.rope_scaling_factor)
     if args.blocks_to_swap > 0:
         model.enable_block_swap(args.blocks_to_swap, device)

@@ -300,3 +300,12 @@ def test_saved_merged_model_loads_as_dit_and_generates_the_same_latents(models, 
     )
     from_merged = generate_latent_file(replace(models, dit=merged), images, tmp_path / "b")
     assert torch.equal(at_run_time, from_merged)
+
+
+@pytest.mark.parametrize("flag", ["--fp8_scaled", "--fp8"])
+def test_fp8_generation_runs_and_stays_close(models, images, tmp_path, flag):
+    base = generate_latent_file(models, images, tmp_path / "bf16")
+    quantized = generate_latent_file(models, images, tmp_path / "fp8", flag)
+    assert torch.isfinite(quantized).all()
+    rel = (quantized - base).norm() / base.norm()
+    assert 0 < rel < 0.2, rel  # e4m3 weights: a few percent, compounded over 2 sampling steps
