@@ -63,6 +63,7 @@ from frame_pack.sections import (
     sections_in_latent,
 )
 from hunyuan_model.vae import SPATIAL_COMPRESSION, compute_dtype, encode_pixels, load_vae, read_vae_config
+from utils.cli import HelpFormatter
 from utils.device import resolve_device
 from utils.safetensors_utils import WeightFileError, resolve_weight_files
 
@@ -72,15 +73,11 @@ LATENT_DTYPE = torch.float16  # cached latents and image embeddings are float16,
 DEFAULT_ONE_FRAME_CLEAN_INDICES = (0,)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fpack_cache_latents.py",
         description="Cache FramePack latents (VAE) and image embeddings (SigLIP) of a dataset for training.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         epilog="Changing --f1 or --one_frame* needs a full re-cache; --skip_existing detects it and redoes "
         "those files.",
     )

@@ -15,21 +15,18 @@ from frame_pack.attention import ATTN_MODES
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
 from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
 from hunyuan_model.tokenizers import DEFAULT_TOKENIZER_REPO
+from utils.cli import HelpFormatter
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
 
 logger = logging.getLogger(__name__)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fpack_generate_video.py",
         description="FramePack image-to-video generation (original inverted anti-drifting, or F1 with --f1).",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         epilog=(
             "Prompt files (--from_file) and --interactive lines take inline options that override the flags:\n"
             "  --w width  --h height  --f video_seconds  --d seed  --s infer_steps  --g/--l guidance_scale\n"

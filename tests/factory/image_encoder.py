@@ -14,7 +14,7 @@ import torch
 
 from frame_pack.clip_vision import SIGLIP_HEAD_DIM, SIGLIP_IMAGE_SIZE
 from tests.factory import dims
-from tests.factory.text_encoders import seeded_state_dict
+from tests.factory.text_encoders import encoder_layer_specs, seeded_state_dict
 from tests.factory.tokenizers import write_json
 from utils.safetensors_utils import save_safetensors
 
@@ -31,18 +31,7 @@ def siglip_state_dict(seed: int = 2, dtype: torch.dtype = torch.float16, head: b
         v + "embeddings.patch_embedding.bias": ((h,), "bias"),
         v + "embeddings.position_embedding.weight": ((SIGLIP_POSITIONS, h), "embed"),
     }
-    for n in range(dims.SIGLIP_LAYERS):
-        p = f"{v}encoder.layers.{n}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            spec[f"{p}self_attn.{proj}.weight"] = ((h, h), "linear")
-            spec[f"{p}self_attn.{proj}.bias"] = ((h,), "bias")
-        for norm in ("layer_norm1", "layer_norm2"):
-            spec[f"{p}{norm}.weight"] = ((h,), "norm")
-            spec[f"{p}{norm}.bias"] = ((h,), "bias")
-        spec[f"{p}mlp.fc1.weight"] = ((i, h), "linear")
-        spec[f"{p}mlp.fc1.bias"] = ((i,), "bias")
-        spec[f"{p}mlp.fc2.weight"] = ((h, i), "linear")
-        spec[f"{p}mlp.fc2.bias"] = ((h,), "bias")
+    spec.update(encoder_layer_specs(f"{v}encoder.layers", dims.SIGLIP_LAYERS, h, i))
     spec[v + "post_layernorm.weight"] = ((h,), "norm")
     spec[v + "post_layernorm.bias"] = ((h,), "bias")
     if head:

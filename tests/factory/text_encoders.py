@@ -94,14 +94,11 @@ def llama_config_json() -> dict:
     }
 
 
-def clip_state_dict(vocab: int, seed: int = 1, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    h, i = dims.CLIP_HIDDEN, dims.CLIP_INTERMEDIATE
-    spec = {
-        "text_model.embeddings.token_embedding.weight": ((vocab, h), "embed"),
-        "text_model.embeddings.position_embedding.weight": ((CLIP_POSITIONS, h), "embed"),
-    }
-    for n in range(dims.CLIP_LAYERS):
-        p = f"text_model.encoder.layers.{n}."
+def encoder_layer_specs(prefix: str, layers: int, h: int, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Key -> (shape, kind) of HF CLIP-style encoder layers (CLIP text and SigLIP vision share this layout)."""
+    spec = {}
+    for n in range(layers):
+        p = f"{prefix}.{n}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             spec[f"{p}self_attn.{proj}.weight"] = ((h, h), "linear")
             spec[f"{p}self_attn.{proj}.bias"] = ((h,), "bias")
@@ -112,6 +109,16 @@ def clip_state_dict(vocab: int, seed: int = 1, dtype: torch.dtype = torch.float1
         spec[f"{p}mlp.fc1.bias"] = ((i,), "bias")
         spec[f"{p}mlp.fc2.weight"] = ((h, i), "linear")
         spec[f"{p}mlp.fc2.bias"] = ((h,), "bias")
+    return spec
+
+
+def clip_state_dict(vocab: int, seed: int = 1, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    h, i = dims.CLIP_HIDDEN, dims.CLIP_INTERMEDIATE
+    spec = {
+        "text_model.embeddings.token_embedding.weight": ((vocab, h), "embed"),
+        "text_model.embeddings.position_embedding.weight": ((CLIP_POSITIONS, h), "embed"),
+    }
+    spec.update(encoder_layer_specs("text_model.encoder.layers", dims.CLIP_LAYERS, h, i))
     spec["text_model.final_layer_norm.weight"] = ((h,), "norm")
     spec["text_model.final_layer_norm.bias"] = ((h,), "bias")
     return seeded_state_dict(spec, seed, dtype)
