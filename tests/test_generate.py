@@ -309,3 +309,13 @@ def test_fp8_generation_runs_and_stays_close(models, images, tmp_path, flag):
     assert torch.isfinite(quantized).all()
     rel = (quantized - base).norm() / base.norm()
     assert 0 < rel < 0.2, rel  # e4m3 weights: a few percent, compounded over 2 sampling steps
+
+
+def test_bulk_decode_gives_every_frame_and_matches_sectioned_decode_at_one_chunk(models, images, tmp_path):
+    for sub, extra in (("sectioned", []), ("bulk", ["--bulk_decode"])):
+        run(models, tmp_path / sub, "--image_path", images[0], "--prompt", "p", "--seed", "2",
+            "--video_sections", "1", *extra)  # fmt: skip
+    (a,), (b,) = files(tmp_path / "sectioned", ".mp4"), files(tmp_path / "bulk", ".mp4")
+    fa, fb = read_video_frames(a), read_video_frames(b)
+    assert fa.shape == fb.shape == (pixel_frames(1), H, W, 3)
+    assert np.array_equal(fa, fb)  # one section is one decode chunk: both paths decode the same latent
