@@ -285,8 +285,19 @@ def sample_section(args, dit, inputs: PreparedInputs, text_prompt: str, image: S
         guidance_rescale=args.guidance_rescale,
         dtype=dtype,
     )
-    with torch.no_grad():
-        return sample_flow(model_x0, noise, args.infer_steps, args.sample_solver).cpu()
+    use_teacache = args.teacache_thresh is not None
+    if use_teacache and args.guidance_scale != 1.0:
+        logger.warning("--teacache_thresh is ignored with --guidance_scale != 1 (two model calls per step)")
+        use_teacache = False
+    if use_teacache:
+        dit.enable_teacache(args.infer_steps, args.teacache_thresh)
+    try:
+        with torch.no_grad():
+            return sample_flow(model_x0, noise, args.infer_steps, args.sample_solver).cpu()
+    finally:
+        if use_teacache:
+            logger.info(f"TeaCache skipped the blocks on {dit.teacache.skipped} of {args.infer_steps} steps")
+            dit.disable_teacache()
 
 
 def generate_latent(args: argparse.Namespace, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:

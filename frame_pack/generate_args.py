@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--fp8", action="store_true", help="store the DiT block weights in fp8")
     mem.add_argument("--fp8_scaled", action="store_true", help="fp8 with a per-tensor scale (better quality)")
     mem.add_argument("--fp8_llm", action="store_true", help="run the LLaMA text encoder in fp8")
+    mem.add_argument(
+        "--teacache_thresh",
+        type=float,
+        default=None,
+        help="enable TeaCache with this threshold (upstream FramePack uses 0.15): skips the DiT blocks on steps "
+        "whose input barely changed; faster, slightly different output; needs --guidance_scale 1 (not in musubi)",
+    )
     mem.add_argument("--device", type=str, default=None, help="device (default: cuda if available, else cpu)")
     mem.add_argument(
         "--attn_mode",
@@ -238,6 +245,7 @@ def validate_args(args: argparse.Namespace) -> None:
     _positive("--video_seconds", args.video_seconds)
     _positive("--video_sections", args.video_sections)
     _positive("--blocks_to_swap", args.blocks_to_swap, allow_zero=True)
+    _positive("--teacache_thresh", args.teacache_thresh, allow_zero=True)
     _positive("--vae_chunk_size", args.vae_chunk_size)
     _positive("--vae_spatial_tile_sample_min_size", args.vae_spatial_tile_sample_min_size)
     if args.blocks_to_swap > MAX_BLOCKS_TO_SWAP_INFERENCE:

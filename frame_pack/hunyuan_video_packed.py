@@ -492,6 +492,7 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
         self.rope_scaling_factor = 1.0
         self.rope_scaling_timestep_threshold: float | None = None
         self.block_swap = None  # frame_pack.block_swap.BlockSwap, set by enable_block_swap
+        self.teacache = None  # frame_pack.teacache.TeaCache, set by enable_teacache
 
     # ---- switches ----------------------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self):
@@ -506,6 +507,15 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
             self.rope_scaling_timestep_threshold, self.rope_scaling_factor = timestep_threshold, factor
         else:
             self.rope_scaling_timestep_threshold, self.rope_scaling_factor = None, 1.0
+
+    def enable_teacache(self, num_steps: int, threshold: float) -> None:
+        """(Re)start TeaCache for a sampling run of `num_steps` model calls; see frame_pack/teacache.py."""
+        from frame_pack.teacache import TeaCache
+
+        self.teacache = TeaCache(num_steps, threshold)
+
+    def disable_teacache(self) -> None:
+        self.teacache = None
 
     def enable_block_swap(self, blocks_to_swap: int, device: torch.device, supports_backward: bool = False):
         from frame_pack.block_swap import BlockSwap
@@ -560,6 +570,19 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
             ropes.insert(0, tokens_first(rope))
         return torch.cat(tokens, 1), torch.cat(ropes, 1), (t, h, w)
 
+    def _run_blocks(self, img, txt, temb, rope, attn_opts) -> torch.Tensor:
+        """All double then single blocks; returns the image tokens (the text stream is not needed after them)."""
+        blocks = list(self.transformer_blocks) + list(self.single_transformer_blocks)
+        if self.block_swap is not None:
+            self.block_swap.before_forward()
+        for i, block in enumerate(blocks):
+            if self.block_swap is not None:
+                self.block_swap.wait_for(i)
+            img, txt = self._run(block, img, txt, temb, rope, attn_opts)
+            if self.block_swap is not None:
+                self.block_swap.after_block(i)
+        return img
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -611,15 +634,14 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
             valid_lengths = [img.shape[1] + int(n) for n in text_lengths]
         attn_opts = dict(mode=self.attn_mode, valid_lengths=valid_lengths, split_attn=self.split_attn)
 
-        blocks = list(self.transformer_blocks) + list(self.single_transformer_blocks)
-        if self.block_swap is not None:
-            self.block_swap.before_forward()
-        for i, block in enumerate(blocks):
-            if self.block_swap is not None:
-                self.block_swap.wait_for(i)
-            img, txt = self._run(block, img, txt, temb, rope, attn_opts)
-            if self.block_swap is not None:
-                self.block_swap.after_block(i)
+        if self.teacache is None:
+            img = self._run_blocks(img, txt, temb, rope, attn_opts)
+        elif self.teacache.should_compute(self.transformer_blocks[0].norm1(img, temb)[0]):
+            before = img
+            img = self._run_blocks(img, txt, temb, rope, attn_opts)
+            self.teacache.previous_residual = img - before
+        else:
+            img = img + self.teacache.previous_residual
 
         img = self._run(self.norm_out, img, temb)[:, -n_noisy:]
         if self.high_quality_fp32_output_for_inference:

@@ -319,3 +319,27 @@ def test_bulk_decode_gives_every_frame_and_matches_sectioned_decode_at_one_chunk
     fa, fb = read_video_frames(a), read_video_frames(b)
     assert fa.shape == fb.shape == (pixel_frames(1), H, W, 3)
     assert np.array_equal(fa, fb)  # one section is one decode chunk: both paths decode the same latent
+
+
+def test_teacache_threshold_zero_is_exact_and_a_large_threshold_skips_the_middle_steps(
+    models, images, tmp_path, caplog
+):
+    import logging
+
+    from frame_pack.teacache import TeaCache
+
+    caplog.set_level(logging.INFO)
+    base = generate_latent_file(models, images, tmp_path / "base", "--infer_steps", "5")
+    exact = generate_latent_file(models, images, tmp_path / "zero", "--infer_steps", "5", "--teacache_thresh", "0")
+    assert torch.equal(base, exact)
+    cached = generate_latent_file(models, images, tmp_path / "big", "--infer_steps", "5", "--teacache_thresh", "1e9")
+    assert "skipped the blocks on 3 of 5 steps" in caplog.text  # only the first and last step compute
+    assert torch.isfinite(cached).all() and not torch.equal(cached, base)
+
+    cache = TeaCache(num_steps=4, threshold=1.0)
+    x = torch.ones(2, 3)
+    decisions = []
+    for step in range(8):  # two sections' worth: the counter wraps
+        decisions.append(cache.should_compute(x * (1 + 0.01 * step)))
+        cache.previous_residual = torch.zeros(1)
+    assert decisions == [True, False, False, True] * 2
