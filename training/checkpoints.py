@@ -1,0 +1,312 @@
+"""What training writes: LoRA files with their metadata, accelerate states, the resume position, Hub uploads.
+
+Names (in --output_dir):  every N epochs `<name>-<epoch:06d>.safetensors`, every N steps
+`<name>-step<step:08d>.safetensors`, at the end `<name>.safetensors`; states are the same names with `-state`
+(folders). LoRA files and state folders appear complete or not at all (written under a temporary name, then
+renamed). Metadata: the reference's `ss_*` keys (with `ss_session_id` spelled right; the reference wrote
+`ss_ss_session_id`) and `modelspec.*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SAVE_DTYPE = torch.bfloat16  # every saved LoRA tensor, as the reference
+BASE_MODEL_VERSION = "framepack"
+MODELSPEC_VERSION = "1.0.0"
+MODELSPEC_ARCHITECTURE = "framepack/lora"
+MODELSPEC_IMPLEMENTATION = "https://github.com/lllyasviel/FramePack"
+MODELSPEC_RESOLUTION = "1280x720"  # the reference's placeholder
+MINIMUM_METADATA_KEYS = (
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+)
+TRAINER_STATE_FILE = "trainer_state.json"
+STATE_SUFFIX = "-state"
+
+
+# ---- names ---------------------------------------------------------------------------------------------------------
+
+
+def epoch_name(name: str, epoch: int) -> str:
+    return f"{name}-{epoch:06d}"
+
+
+def step_name(name: str, step: int) -> str:
+    return f"{name}-step{step:08d}"
+
+
+def removable_epoch(epoch: int, every: int | None, keep: int | None) -> int | None:
+    """The epoch save that falls out of the last `keep` when epoch `epoch` is saved."""
+    if not keep or not every:
+        return None
+    old = epoch - every * keep
+    return old if old > 0 else None
+
+
+def removable_step(step: int, every: int | None, keep: int | None) -> int | None:
+    """The step save older than the last `keep` steps: (step − keep − 1) rounded down to a multiple of `every`."""
+    if keep is None or not every:
+        return None
+    old = step - keep - 1
+    old -= old % every
+    return old if old > 0 else None
+
+
+# ---- metadata ------------------------------------------------------------------------------------------------------
+
+
+def training_metadata(
+    args: argparse.Namespace,
+    *,
+    session_id: int,
+    started_at: float,
+    num_train_items: int,
+    num_batches_per_epoch: int,
+    num_epochs: int,
+    optimizer_name: str,
+    optimizer_args: str,
+    datasets: list[dict],
+) -> dict[str, str]:
+    """The `ss_*` metadata fixed for the whole run (values as strings, as the reference stores them)."""
+    optimizer = optimizer_name + (f"({optimizer_args})" if optimizer_args else "")
+    metadata = {
+        "ss_session_id": session_id,
+        "ss_training_started_at": started_at,
+        "ss_output_name": args.output_name,
+        "ss_learning_rate": args.learning_rate,
+        "ss_num_train_items": num_train_items,
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_num_epochs": num_epochs,
+        "ss_gradient_checkpointing": args.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "ss_max_train_steps": args.max_train_steps,
+        "ss_lr_warmup_steps": args.lr_warmup_steps,
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_base_model_version": BASE_MODEL_VERSION,
+        "ss_network_module": args.network_module,
+        "ss_network_dim": args.network_dim,
+        "ss_network_alpha": args.network_alpha,
+        "ss_network_dropout": args.network_dropout,
+        "ss_mixed_precision": args.mixed_precision,
+        "ss_seed": args.seed,
+        "ss_training_comment": args.training_comment,
+        "ss_optimizer": optimizer,
+        "ss_max_grad_norm": args.max_grad_norm,
+        "ss_fp8_base": bool(args.fp8_base),
+        "ss_full_fp16": False,
+        "ss_full_bf16": False,
+        "ss_weighting_scheme": args.weighting_scheme,
+        "ss_logit_mean": args.logit_mean,
+        "ss_logit_std": args.logit_std,
+        "ss_mode_scale": args.mode_scale,
+        "ss_guidance_scale": args.guidance_scale,
+        "ss_timestep_sampling": args.timestep_sampling,
+        "ss_sigmoid_scale": args.sigmoid_scale,
+        "ss_discrete_flow_shift": args.discrete_flow_shift,
+        "ss_datasets": json.dumps(datasets),
+    }
+    if args.network_args:
+        metadata["ss_network_args"] = json.dumps(dict(item.partition("=")[::2] for item in args.network_args))
+    metadata["ss_sd_model_name"] = os.path.basename(args.dit) if os.path.exists(args.dit) else args.dit
+    if args.vae is not None:
+        metadata["ss_vae_name"] = os.path.basename(args.vae)
+    metadata = {k: str(v) for k, v in metadata.items()}
+    if args.no_metadata:
+        metadata = {k: v for k, v in metadata.items() if k in MINIMUM_METADATA_KEYS}
+    return metadata
+
+
+def save_metadata(args: argparse.Namespace, base: dict[str, str], steps: int, epoch: int) -> dict[str, str]:
+    """Metadata of one save: the run's keys, the save's time/step/epoch, and modelspec."""
+    metadata = dict(base)
+    now = time.time()
+    if not args.no_metadata:
+        metadata.update(ss_training_finished_at=str(now), ss_steps=str(steps), ss_epoch=str(epoch))
+    title = args.metadata_title or args.output_name or f"LoRA@{datetime.datetime.fromtimestamp(now):%Y%m%d-%H%M%S}"
+    metadata.update(
+        {
+            "modelspec.sai_model_spec": MODELSPEC_VERSION,
+            "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+            "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+            "modelspec.title": title,
+            "modelspec.resolution": MODELSPEC_RESOLUTION,
+            "modelspec.date": datetime.datetime.fromtimestamp(now).replace(microsecond=0).isoformat(),
+        }
+    )
+    for key in ("author", "description", "license", "tags"):
+        value = getattr(args, f"metadata_{key}")
+        if value is not None:
+            metadata[f"modelspec.{key}"] = value
+    if args.min_timestep is not None or args.max_timestep is not None:
+        low = 0 if args.min_timestep is None else args.min_timestep
+        high = 1000 if args.max_timestep is None else args.max_timestep
+        metadata["modelspec.timestep_range"] = f"{low},{high}"
+    return metadata
+
+
+# ---- resume position -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerState:
+    """Where training stands, saved next to accelerate's state so `--resume` continues from it."""
+
+    global_step: int = 0
+    epoch: int = 0  # 1-based number of the epoch in progress (or just finished); 0 before training
+    steps_in_epoch: int = 0  # batches this process has consumed in that epoch
+    epoch_finished: bool = False  # its end-of-epoch saves and samples are done too
+    epoch_order: list[int] = field(default_factory=list)  # the epoch's permutation of dataset indices
+    sampler_generator_state: list[int] | None = None  # accelerate's synchronized sampler generator (multi-process)
+    losses: list[float] = field(default_factory=list)  # the loss recorder's window
+
+    def save(self, folder: str) -> None:
+        with open(os.path.join(folder, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f)
+
+    @classmethod
+    def load(cls, folder: str) -> TrainerState | None:
+        path = os.path.join(folder, TRAINER_STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return cls(**json.load(f))
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+
+
+class Saver:
+    """Saves LoRAs and states (main process only, states from every process), prunes old ones, uploads."""
+
+    def __init__(self, args: argparse.Namespace, accelerator, network, base_metadata: dict[str, str]):
+        self.args, self.accelerator, self.network = args, accelerator, network
+        self.base_metadata = base_metadata
+        self.uploads: list[threading.Thread] = []
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.args.output_dir, name)
+
+    def save_lora(self, name: str, steps: int, epoch: int, final: bool = False) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        path = self._path(name + ".safetensors")
+        logger.info(f"saving LoRA: {path}")
+        metadata = save_metadata(self.args, self.base_metadata, steps, epoch)
+        self.accelerator.unwrap_model(self.network).save_weights(path, SAVE_DTYPE, metadata)
+        self.upload(path, force_sync=final)
+
+    def save_state(self, name: str, trainer_state: TrainerState) -> None:
+        """accelerate's state (network weights, optimizer, scheduler, every process's RNG) plus the resume position,
+        written under a temporary name and renamed when complete. Every process must call this."""
+        final = self._path(name + STATE_SUFFIX)
+        tmp = final + ".tmp"
+        acc = self.accelerator
+        if acc.is_main_process:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        logger.info(f"saving state: {final}")
+        acc.save_state(tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            trainer_state.save(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if self.args.save_state_to_huggingface:
+                self.upload(final)
+        acc.wait_for_everyone()
+
+    def remove_lora(self, name: str) -> None:
+        path = self._path(name + ".safetensors")
+        if self.accelerator.is_main_process and os.path.exists(path):
+            logger.info(f"removing old LoRA: {path}")
+            os.remove(path)
+
+    def remove_state(self, name: str) -> None:
+        path = self._path(name + STATE_SUFFIX)
+        if self.accelerator.is_main_process and os.path.exists(path):
+            logger.info(f"removing old state: {path}")
+            shutil.rmtree(path)
+
+    def upload(self, path: str, force_sync: bool = False) -> None:
+        """Upload to --huggingface_repo_id (if set); failures are logged, never raised."""
+        args = self.args
+        if not args.huggingface_repo_id:
+            return
+        if args.async_upload and not force_sync:
+            thread = threading.Thread(target=upload_to_hub, args=(args, path), daemon=False)
+            thread.start()
+            self.uploads.append(thread)
+        else:
+            upload_to_hub(args, path)
+
+    def wait_for_uploads(self) -> None:
+        for thread in self.uploads:
+            thread.join()
+
+
+def upload_to_hub(args: argparse.Namespace, path: str) -> None:
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=args.huggingface_token)
+        repo_type = args.huggingface_repo_type or "model"
+        api.create_repo(
+            args.huggingface_repo_id,
+            repo_type=repo_type,
+            private=args.huggingface_repo_visibility != "public",
+            exist_ok=True,
+        )
+        target = "/".join(p for p in (args.huggingface_path_in_repo, os.path.basename(path)) if p)
+        if os.path.isdir(path):
+            api.upload_folder(
+                repo_id=args.huggingface_repo_id, folder_path=path, path_in_repo=target, repo_type=repo_type
+            )
+        else:
+            api.upload_file(
+                repo_id=args.huggingface_repo_id, path_or_fileobj=path, path_in_repo=target, repo_type=repo_type
+            )
+        logger.info(f"uploaded {path} to {args.huggingface_repo_id}/{target}")
+    except Exception as e:  # an upload must never stop training
+        logger.error(f"upload of {path} to {args.huggingface_repo_id} failed: {e}")
+
+
+def download_state_from_hub(args: argparse.Namespace) -> str:
+    """--resume_from_huggingface: `repo_owner/repo_name/path[:revision[:repo_type]]` -> a local state folder."""
+    from huggingface_hub import snapshot_download
+
+    owner, repo, *rest = args.resume.split("/")
+    path_in_repo = "/".join(rest)
+    revision = repo_type = None
+    if ":" in path_in_repo:
+        parts = path_in_repo.split(":")
+        path_in_repo, revision = parts[0], parts[1]
+        repo_type = parts[2] if len(parts) > 2 else "model"
+    local = snapshot_download(
+        f"{owner}/{repo}",
+        revision=revision,
+        repo_type=repo_type,
+        token=args.huggingface_token,
+        allow_patterns=[f"{path_in_repo}/*"] if path_in_repo else None,
+    )
+    folder = os.path.join(local, path_in_repo)
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        raise ValueError(f"--resume {args.resume}: no files found on the Hub")
+    return folder
