@@ -15,6 +15,7 @@ import toml
 
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
 from training.timesteps import TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
+from utils.cli import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ SAMPLE_SOLVER = "unipc"  # sampling during training always uses UniPC
 DEFAULT_NETWORK_MODULE = "networks.lora_framepack"
 # Config-file keys that name no flag but are accepted (the reference stores them on the namespace).
 _INTERNAL_KEYS = {"dit_dtype", "sample_solver", "fp8_scaled_hunyuan"}
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 def int_or_float(value: str) -> int | float:
@@ -71,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fpack_train_network.py",
         description="FramePack LoRA training from cached latents and text encoder outputs.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         epilog=(
             "Launch: accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 fpack_train_network.py\n"
             "  --dit ... --dataset_config dataset.toml --sdpa --network_module networks.lora_framepack\n"

@@ -15,6 +15,7 @@ one. In several processes only the main process samples and saves, and each proc
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import math
@@ -388,33 +389,46 @@ class Trainer:
         acc.wait_for_everyone()
         self.optimizer_info.train()
 
-    def save_at_step(self, global_step: int, epoch0: int, state: C.TrainerState) -> None:
-        args, saver = self.args, self.saver
-        self.optimizer_info.eval()
-        saver.save_lora(C.step_name(args.output_name, global_step), global_step, epoch0)
-        if args.save_state:
-            saver.save_state(C.step_name(args.output_name, global_step), state)
-        old = C.removable_step(global_step, args.save_every_n_steps, args.save_last_n_steps)
+    def _save_and_prune(self, name: str, old_name, old: int | None, old_state: int | None, global_step, epoch, state):
+        """Save the LoRA (and state) under `name`, then drop the save(s) that fell out of the keep window."""
+        saver = self.saver
+        saver.save_lora(name, global_step, epoch)
+        if self.args.save_state:
+            saver.save_state(name, state)
         if old is not None:
-            saver.remove_lora(C.step_name(args.output_name, old))
+            saver.remove_lora(old_name(old))
+        if self.args.save_state and old_state is not None:
+            saver.remove_state(old_name(old_state))
+
+    def save_at_step(self, global_step: int, epoch0: int, state: C.TrainerState) -> None:
+        args = self.args
+        name = functools.partial(C.step_name, args.output_name)
         keep_states = args.save_last_n_steps_state or args.save_last_n_steps
-        old = C.removable_step(global_step, args.save_every_n_steps, keep_states)
-        if args.save_state and old is not None:
-            saver.remove_state(C.step_name(args.output_name, old))
+        self.optimizer_info.eval()
+        self._save_and_prune(
+            name(global_step),
+            name,
+            C.removable_step(global_step, args.save_every_n_steps, args.save_last_n_steps),
+            C.removable_step(global_step, args.save_every_n_steps, keep_states),
+            global_step,
+            epoch0,
+            state,
+        )
         self.optimizer_info.train()
 
     def save_at_epoch(self, epoch: int, global_step: int, state: C.TrainerState) -> None:
-        args, saver = self.args, self.saver
-        saver.save_lora(C.epoch_name(args.output_name, epoch), global_step, epoch)
-        if args.save_state:
-            saver.save_state(C.epoch_name(args.output_name, epoch), state)
-        old = C.removable_epoch(epoch, args.save_every_n_epochs, args.save_last_n_epochs)
-        if old is not None:
-            saver.remove_lora(C.epoch_name(args.output_name, old))
+        args = self.args
+        name = functools.partial(C.epoch_name, args.output_name)
         keep_states = args.save_last_n_epochs_state or args.save_last_n_epochs
-        old = C.removable_epoch(epoch, args.save_every_n_epochs, keep_states)
-        if args.save_state and old is not None:
-            saver.remove_state(C.epoch_name(args.output_name, old))
+        self._save_and_prune(
+            name(epoch),
+            name,
+            C.removable_epoch(epoch, args.save_every_n_epochs, args.save_last_n_epochs),
+            C.removable_epoch(epoch, args.save_every_n_epochs, keep_states),
+            global_step,
+            epoch,
+            state,
+        )
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
