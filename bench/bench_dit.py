@@ -3,25 +3,24 @@
 Each configuration runs in a fresh subprocess so its peak memory is its own (CUDA: max_memory_allocated;
 CPU: the process's peak resident set size). The first configuration is the baseline the others are compared with.
 
-    python bench/bench_dit.py                          # tiny model, 256x256, plain vs fp8_scaled vs checkpointing
+    python bench/bench_dit.py                          # tiny model, 256x256, bf16 vs fp8_scaled (vs block swap on CUDA)
     python bench/bench_dit.py --width 3072 --double 20 --single 40 --height 640 --width_px 640 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+from common import child_or_main, peak_mib, print_ratios, run_variants  # noqa: E402
 
 
 def run_one(cfg: dict) -> dict:
-    sys.path.insert(0, ROOT)
     import torch
 
     from frame_pack.fp8 import apply_fp8
@@ -74,10 +73,7 @@ def run_one(cfg: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mib(device.type == "cuda")
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     return {"seconds": min(times), "peak_mib": peak, "weights_mib": weights}
 
@@ -101,29 +97,18 @@ def main() -> None:
     variants = [("bf16", {}), ("fp8_scaled", {"fp8_scaled": True})]
     if args.blocks_to_swap and args.device.startswith("cuda"):
         variants.append((f"block swap {args.blocks_to_swap}", {"blocks_to_swap": args.blocks_to_swap}))
-    results = []
-    for name, extra in variants:
-        cfg = {**base, "fp8_scaled": False, "gradient_checkpointing": False, "blocks_to_swap": 0, **extra}
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True, check=True
-        )
-        results.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+    configs = [
+        (name, {**base, "fp8_scaled": False, "gradient_checkpointing": False, "blocks_to_swap": 0, **extra})
+        for name, extra in variants
+    ]
+    results = run_variants(__file__, configs)
     tokens = (args.height // 16) * (args.width_px // 16) * args.lws
     print(
         f"DiT forward: width {args.width}, {args.double}+{args.single} blocks, {args.height}x{args.width_px}, "
         f"{tokens} noisy tokens, device {args.device}"
     )
-    base_r = results[0][1]
-    for name, r in results:
-        print(
-            f"  {name:16s} {r['seconds']:8.3f} s  ({r['seconds'] / base_r['seconds']:.2f}x)   "
-            f"peak {r['peak_mib']:9.1f} MiB  ({r['peak_mib'] / base_r['peak_mib']:.2f}x)   "
-            f"weights {r['weights_mib']:8.1f} MiB  ({r['weights_mib'] / base_r['weights_mib']:.2f}x)"
-        )
+    print_ratios(results, [("seconds", "", " s"), ("peak_mib", "peak ", " MiB"), ("weights_mib", "weights ", " MiB")])
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        print(json.dumps(run_one(json.loads(sys.argv[2]))))
-    else:
-        main()
+    child_or_main(run_one, main)

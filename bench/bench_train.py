@@ -15,13 +15,14 @@ import argparse
 import glob
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+from common import child_or_main, peak_mib, print_ratios, run_variants  # noqa: E402
 
 
 def write_inputs(cfg: dict, folder: str) -> tuple[str, str]:
@@ -90,7 +91,6 @@ def write_inputs(cfg: dict, folder: str) -> tuple[str, str]:
 
 
 def run_one(cfg: dict) -> dict:
-    sys.path.insert(0, ROOT)
     import torch
 
     from training.trainer import main
@@ -109,10 +109,7 @@ def run_one(cfg: dict) -> dict:
         main(argv)
         (log,) = glob.glob(os.path.join(out, "logs", "*", "metrics.jsonl"))
         times = [r["time/step_seconds"] for r in map(json.loads, open(log)) if "time/step_seconds" in r]
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mib(torch.cuda.is_available())
     return {"seconds": statistics.median(times[1:] or times), "peak_mib": peak}
 
 
@@ -143,36 +140,15 @@ def main() -> None:
     ]
     if args.blocks_to_swap:
         variants.append((f"block swap {args.blocks_to_swap}", ["--blocks_to_swap", str(args.blocks_to_swap)]))
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
-    results = []
-    for name, extra in variants:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps({**base, "extra": extra})],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        results.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+    env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
+    results = run_variants(__file__, [(name, {**base, "extra": extra}) for name, extra in variants], env)
     tokens = (args.height // 16) * (args.width_px // 16) * args.lws
     print(
         f"LoRA training step: width {args.width}, {args.double}+{args.single} blocks, {args.height}x{args.width_px}, "
         f"{tokens} noisy tokens, batch {args.batch}, rank {args.rank}"
     )
-    first = results[0][1]
-    for name, r in results:
-        print(
-            f"  {name:20s} {r['seconds']:8.3f} s/step ({r['seconds'] / first['seconds']:.2f}x)   "
-            f"peak {r['peak_mib']:9.1f} MiB ({r['peak_mib'] / first['peak_mib']:.2f}x)"
-        )
+    print_ratios(results, [("seconds", "", " s/step"), ("peak_mib", "peak ", " MiB")])
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        import contextlib
-
-        with contextlib.redirect_stdout(sys.stderr):
-            result = run_one(json.loads(sys.argv[2]))
-        print(json.dumps(result))
-    else:
-        main()
+    child_or_main(run_one, main)

@@ -1,0 +1,52 @@
+"""Harness shared by the bench scripts: each variant runs in a fresh subprocess so its peak memory is its own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+
+
+def peak_mib(cuda: bool) -> float:
+    """CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set size."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_variants(script: str, configs: list[tuple[str, dict]], env: dict | None = None) -> list[tuple[str, dict]]:
+    """Run `script --child <json cfg>` per variant; each child prints one JSON result as its last line."""
+    results = []
+    for name, cfg in configs:
+        out = subprocess.run(
+            [sys.executable, script, "--child", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **(env or {})},
+        )
+        results.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+    return results
+
+
+def child_or_main(run_one, main) -> None:
+    """Entry point: `--child <json>` runs one variant (its own prints go to stderr), otherwise the comparison."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_one(json.loads(sys.argv[2]))
+        print(json.dumps(result))
+    else:
+        main()
+
+
+def print_ratios(results: list[tuple[str, dict]], columns: list[tuple[str, str, str]], width: int = 20) -> None:
+    """One line per variant; columns are (result key, label, unit), each with its ratio to the first variant."""
+    first = results[0][1]
+    for name, r in results:
+        cells = [f"{label}{r[key]:9.3f}{unit} ({r[key] / first[key]:.2f}x)" for key, label, unit in columns]
+        print(f"  {name:{width}s} " + "   ".join(cells))
