@@ -343,3 +343,18 @@ def test_teacache_threshold_zero_is_exact_and_a_large_threshold_skips_the_middle
         decisions.append(cache.should_compute(x * (1 + 0.01 * step)))
         cache.previous_residual = torch.zeros(1)
     assert decisions == [True, False, False, True] * 2
+
+
+def test_mp4_encoding_is_deterministic(models, images, tmp_path):
+    """x264's bit-rate control with frame threads varied between runs on the same frames; the writer pins it."""
+    import hashlib
+
+    from hunyuan_model.vae import decode_latents, load_vae
+    from utils.video_io import save_video, to_uint8_frames
+
+    latent = generate_latent_file(models, images, tmp_path / "gen")
+    frames = to_uint8_frames(decode_latents(load_vae(models.vae, dtype=torch.float32), latent[None])[0])
+    digests = {
+        hashlib.md5(open(save_video(frames, str(tmp_path / f"{i}.mp4"), 30), "rb").read()).digest() for i in range(12)
+    }
+    assert len(digests) == 1
