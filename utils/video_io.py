@@ -41,14 +41,14 @@ def save_video(frames: np.ndarray, path: str, fps: int, metadata: dict | None = 
                 container.metadata[METADATA_KEY] = json.dumps(metadata, ensure_ascii=False)
                 if "prompt" in metadata:
                     container.metadata["description"] = str(metadata["prompt"])
-            # One encoder thread: x264's bit-rate control with frame threads depends on thread timing, so the same
-            # frames could encode to different files; single-threaded, the same seed gives the same mp4.
-            stream = container.add_stream(VIDEO_CODEC, rate=fps, options={"threads": "1"})
+            stream = container.add_stream(VIDEO_CODEC, rate=fps)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = VIDEO_PIX_FMT
             stream.bit_rate = VIDEO_BIT_RATE
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for index, frame in enumerate(frames):
+                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                video_frame.pts = index
+                for packet in stream.encode(video_frame):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
