@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
+from hunyuan_model.vae import SPATIAL_COMPRESSION
+
 LATENT_CHANNELS = 16
-VAE_SPATIAL_SCALE = 8
 
 # Flux mu line through (FLUX_MU_X1, FLUX_MU_Y1) and (FLUX_MU_X2, FLUX_MU_Y2), capped at ln(FLUX_SHIFT_MAX).
 FLUX_MU_X1, FLUX_MU_Y1 = 256, 0.5
@@ -86,8 +87,8 @@ def initial_noise(
         batch_size,
         LATENT_CHANNELS,
         latent_frames_for(frames),
-        height // VAE_SPATIAL_SCALE,
-        width // VAE_SPATIAL_SCALE,
+        height // SPATIAL_COMPRESSION,
+        width // SPATIAL_COMPRESSION,
     )
     noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
     return noise.to(device=device) if device is not None else noise
