@@ -11,7 +11,7 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from frame_pack.generate import main as generate  # noqa: E402
+from pipelines.generate import main as generate  # noqa: E402
 from tests.factory.models import write_all_models  # noqa: E402
 
 MODELS = os.path.join(ROOT, "demo_models")

@@ -2,7 +2,7 @@
 
 import sys
 
-from frame_pack.cache_latents import main
+from pipelines.cache_latents import main
 
 if __name__ == "__main__":
     sys.exit(main())

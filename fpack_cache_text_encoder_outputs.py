@@ -2,7 +2,7 @@
 
 import sys
 
-from frame_pack.cache_text_encoder_outputs import main
+from pipelines.cache_text_encoder_outputs import main
 
 if __name__ == "__main__":
     sys.exit(main())

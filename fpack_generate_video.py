@@ -2,7 +2,7 @@
 
 import sys
 
-from frame_pack.generate import main
+from pipelines.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,7 +74,7 @@ CLIP_PREFIX = "text_model."  # transformers 4.x checkpoint names; the 5.x module
 CLIP_IGNORED_KEYS = ("text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
 
 # Key fragments that identify what a checkpoint is, for error messages. Checked in order.
-# --- shared loading machinery (also used by frame_pack/clip_vision.py) -------------------------------------------
+# --- shared loading machinery (also used by hunyuan_model/image_encoder.py) -------------------------------------------
 
 
 def weight_folder(path: str | os.PathLike, subfolder: str) -> Path | None:

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import frame_pack.cache_latents as cl
+import pipelines.cache_latents as cl
 from dataset.image_video_dataset import ItemInfo, load_dataset_group
 from dataset.media import latent_mask
-from frame_pack.clip_vision import encode_image, load_image_encoder
+from hunyuan_model.image_encoder import encode_image, load_image_encoder
 from hunyuan_model.vae import compute_dtype, encode_pixels, load_vae
 from tests.factory.datasets import make_image_dataset, make_video_dataset, write_config, write_fake_latent_cache
 from tests.factory.dims import SIGLIP_HIDDEN

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import frame_pack.cache_text_encoder_outputs as ct
+import pipelines.cache_text_encoder_outputs as ct
 from hunyuan_model.text_encoder import encode_prompt_conds, load_text_encoder1, load_text_encoder2
 from hunyuan_model.tokenizers import load_tokenizer1, load_tokenizer2
 from tests.factory.datasets import make_image_dataset, make_video_dataset, write_config

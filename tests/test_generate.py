@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from frame_pack import generate as G
-from frame_pack.generate_args import build_parser, parse_prompt_line
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked
-from frame_pack.latent_file import load_latent
+from pipelines import generate as G
+from pipelines.generate_args import build_parser, parse_prompt_line
+from pipelines.latent_file import load_latent
 from tests.factory.models import write_all_models
 from utils.video_io import read_video_frames, read_video_metadata
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from frame_pack.clip_vision import encode_image, load_image_encoder, preprocess_image, siglip_config_from_shapes
+from hunyuan_model.image_encoder import encode_image, load_image_encoder, preprocess_image, siglip_config_from_shapes
 from tests.factory import dims
 from tests.factory.image_encoder import make_image_encoder_files
 from tests.factory.text_encoders import llama_state_dict

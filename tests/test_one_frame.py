@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from frame_pack import generate as G
-from frame_pack.generate_args import build_parser
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked
+from pipelines import generate as G
+from pipelines.generate_args import build_parser
 from tests.factory.models import write_all_models
 
 H, W = 32, 48

@@ -305,8 +305,8 @@ def test_trained_lora_changes_generation_and_multiplier_zero_reproduces_the_base
     import numpy as np
     from PIL import Image
 
-    from frame_pack import generate as G
-    from frame_pack.latent_file import load_latent
+    from pipelines import generate as G
+    from pipelines.latent_file import load_latent
 
     image = tmp_path / "start.png"
     Image.fromarray(np.full((32, 48, 3), 120, np.uint8)).save(image)

@@ -1,8 +1,8 @@
 """Sampling during training (`--sample_prompts`, `--sample_every_n_steps/epochs`, `--sample_at_first`).
 
 Prompts are encoded once at the start (text encoders, SigLIP, VAE start latents) through the generation code
-(`frame_pack.generate.prepare_inputs`), and each sample is generated with the DiT being trained (LoRA applied) by
-`frame_pack.generate.generate_latent`, so training samples are exactly what `fpack_generate_video.py` would make
+(`pipelines.generate.prepare_inputs`), and each sample is generated with the DiT being trained (LoRA applied) by
+`pipelines.generate.generate_latent`, so training samples are exactly what `fpack_generate_video.py` would make
 with the same LoRA, seed and settings. Normal, F1 (`--f1`) and one-frame (`--one_frame`, prompt `--of`) modes.
 
 Differences from the reference, each deliberate: the prompt text itself is not scanned for options (the reference
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from dataset.cache_paths import section_count
-from frame_pack import generate as G
-from frame_pack.generate_args import build_parser as build_generation_parser
-from frame_pack.generate_args import check_video_size
+from pipelines import generate as G
+from pipelines.generate_args import build_parser as build_generation_parser
+from pipelines.generate_args import check_video_size
 from training.rng import preserved_rng
 from utils.video_io import save_images, save_video, to_uint8_frames
 

@@ -89,14 +89,16 @@ def logging_directory(args: argparse.Namespace) -> str | None:
 
 def resolve_trackers(args: argparse.Namespace, logging_dir: str | None) -> list | None:
     """The `log_with` of the Accelerator. Explicit trackers must be installed (an error names the package); the
-    implicit tensorboard of --logging_dir falls back to JSON lines with a warning."""
+    implicit tensorboard of --logging_dir is used when installed. With --logging_dir the values are always also
+    written as JSON lines (`metrics.jsonl`), readable without any tracker package."""
     if args.log_with is None:
         if logging_dir is None:
             return None
+        jsonl = JsonlTracker(args.log_tracker_name or DEFAULT_TRACKER_NAME, logging_dir)
         if _installed("tensorboard"):
-            return ["tensorboard"]
+            return ["tensorboard", jsonl]
         logger.warning(f"tensorboard is not installed: writing the logs to {os.path.join(logging_dir, JSONL_NAME)}")
-        return [JsonlTracker(args.log_tracker_name or DEFAULT_TRACKER_NAME, logging_dir)]
+        return [jsonl]
     wanted = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
     if "tensorboard" in wanted and logging_dir is None:
         raise ValueError(f"--log_with {args.log_with} needs --logging_dir")
@@ -114,6 +116,8 @@ def resolve_trackers(args: argparse.Namespace, logging_dir: str | None) -> list 
             os.environ["WANDB_DIR"] = logging_dir
         if args.wandb_api_key is not None:
             wandb.login(key=args.wandb_api_key)
+    if logging_dir is not None:
+        return [*wanted, JsonlTracker(args.log_tracker_name or DEFAULT_TRACKER_NAME, logging_dir)]
     return wanted
 
 

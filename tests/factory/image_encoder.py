@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from frame_pack.clip_vision import SIGLIP_HEAD_DIM, SIGLIP_IMAGE_SIZE
+from hunyuan_model.image_encoder import SIGLIP_HEAD_DIM, SIGLIP_IMAGE_SIZE
 from tests.factory import dims
 from tests.factory.text_encoders import encoder_layer_specs, seeded_state_dict
 from tests.factory.tokenizers import write_json

@@ -45,7 +45,6 @@ from dataset.config import DatasetConfigError, entry_label, load_dataset_params
 from dataset.debug_view import DEBUG_MODES, show_datasets
 from dataset.image_video_dataset import ImageDataset, ItemInfo, VideoDataset, build_dataset_group
 from dataset.media import MediaError, latent_mask
-from frame_pack.clip_vision import encode_image, load_image_encoder
 from frame_pack.sampling import LATENT_CHANNELS
 from frame_pack.sections import (
     CLEAN_1X_FRAMES,
@@ -62,6 +61,7 @@ from frame_pack.sections import (
     section_target,
     sections_in_latent,
 )
+from hunyuan_model.image_encoder import encode_image, load_image_encoder
 from hunyuan_model.vae import SPATIAL_COMPRESSION, compute_dtype, encode_pixels, load_vae, read_vae_config
 from utils.cli import HelpFormatter
 from utils.device import resolve_device

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from dataset.buckets import resize_image_to_bucket
 from dataset.media import load_image
 from frame_pack import sections as S
-from frame_pack.generate_args import (
+from frame_pack.sampling import flow_match_x0_model, initial_noise, make_generator, sample_flow
+from pipelines.generate_args import (
     PromptLineError,
     apply_prompt_line,
     build_parser,
@@ -32,8 +33,7 @@ from frame_pack.generate_args import (
     read_prompt_file,
     validate_args,
 )
-from frame_pack.latent_file import latent_metadata, load_latent, save_latent
-from frame_pack.sampling import flow_match_x0_model, initial_noise, make_generator, sample_flow
+from pipelines.latent_file import latent_metadata, load_latent, save_latent
 from utils.device import clean_memory, resolve_device
 from utils.video_io import save_images, save_video, to_uint8_frames
 
@@ -75,7 +75,7 @@ class Models:
         return self._text
 
     def image_encoder(self):
-        from frame_pack.clip_vision import load_image_encoder
+        from hunyuan_model.image_encoder import load_image_encoder
 
         if self._image_encoder is None:
             self._image_encoder = load_image_encoder(self.args.image_encoder, self.device)
@@ -210,7 +210,7 @@ def text_kwargs(llama_vec, llama_mask, clip_pooler) -> dict[str, torch.Tensor]:
 
 
 def prepare_inputs(args: argparse.Namespace, models: Models, seed: int) -> PreparedInputs:
-    from frame_pack.clip_vision import encode_image
+    from hunyuan_model.image_encoder import encode_image
     from hunyuan_model.text_encoder import encode_prompt_conds
     from hunyuan_model.vae import encode_pixels
 
