@@ -421,7 +421,8 @@ def test_optimizers(models, single, tmp_path):
     with pytest.raises(ImportError, match="--optimizer_type AdamW8bit needs the bitsandbytes"):
         make("--optimizer_type", "AdamW8bit")
     args, info, scheduler = make("--optimizer_type", "Adafactor")
-    assert args.lr_scheduler == "adafactor:0.1" and args.learning_rate is None
+    assert info.lr_scheduler == "adafactor:0.1" and info.learning_rate is None
+    assert (args.lr_scheduler, args.learning_rate) == ("constant", 0.1)  # the flags are left as given
     _, info, scheduler = make("--optimizer_type", "tests.test_train.AdamWScheduleFree")
     assert isinstance(scheduler, ConstantLRScheduler) and scheduler.get_last_lr() == [0.1]
     args, info, scheduler = make(

@@ -39,6 +39,8 @@ class OptimizerInfo:
     name: str  # `<module>.<Class>`, for logs and ss_optimizer
     args: str  # `k=v,...`
     schedule_free: bool
+    learning_rate: float | None  # the effective --learning_rate (None for Adafactor with relative steps)
+    lr_scheduler: str  # the effective --lr_scheduler (`adafactor:<lr>` for Adafactor with relative steps)
 
     def train(self) -> None:
         """Schedule-free optimizers switch their parameters between train and eval points."""
@@ -67,14 +69,16 @@ def _import_class(name: str, default_module, flag: str):
 
 
 def create_optimizer(args: argparse.Namespace, params: list[dict]) -> OptimizerInfo:
-    """The optimizer named by --optimizer_type over the network's parameter groups (may rewrite --learning_rate and
-    --lr_scheduler for Adafactor with relative steps, as the reference does)."""
+    """The optimizer named by --optimizer_type over the network's parameter groups. Adafactor with relative steps
+    replaces the learning rate by None and the scheduler by `adafactor:<lr>`, as the reference does; the effective
+    values are in the result (the flags are left as given)."""
     name = args.optimizer_type or DEFAULT_OPTIMIZER
     if not args.optimizer_type:
         logger.info(f"--optimizer_type not given: using {DEFAULT_OPTIMIZER}")
     lower = name.lower()
     kwargs = parse_kwargs(args.optimizer_args, "--optimizer_args")
     lr = args.learning_rate
+    scheduler = args.lr_scheduler
     cls = None
     if lower.endswith("8bit"):
         try:
@@ -96,8 +100,7 @@ def create_optimizer(args: argparse.Namespace, params: list[dict]) -> OptimizerI
         if kwargs["relative_step"]:
             if lr != 0.0:
                 logger.warning("Adafactor relative_step: --learning_rate is used as the initial lr")
-            args.lr_scheduler = f"adafactor:{lr}"
-            args.learning_rate = None
+            scheduler = f"adafactor:{lr}"
             lr = None
         else:
             if args.max_grad_norm != 0.0:
@@ -118,6 +121,8 @@ def create_optimizer(args: argparse.Namespace, params: list[dict]) -> OptimizerI
         f"{cls.__module__}.{cls.__name__}",
         ",".join(f"{k}={v}" for k, v in kwargs.items()),
         lower.endswith("schedulefree"),
+        lr,
+        scheduler,
     )
 
 
@@ -169,7 +174,7 @@ def create_lr_scheduler(args: argparse.Namespace, info: OptimizerInfo, num_proce
     optimizer = info.optimizer
     if info.schedule_free:
         return ConstantLRScheduler(optimizer)
-    name = args.lr_scheduler
+    name = info.lr_scheduler
     total = args.max_train_steps * num_processes
     warmup = _steps(args.lr_warmup_steps, total)
     decay = _steps(args.lr_decay_steps, total)

@@ -1,10 +1,10 @@
-"""FramePack LoRA training: the reference's setup sequence (facts_training §4.4) and training loop (§4.9).
+"""FramePack LoRA training: musubi-tuner's setup sequence and training loop.
 
-Random draws follow the reference (rng_and_numerics.md): `set_seed(--seed)`, the dataset shuffle seed, the LoRA
+Random draws follow musubi-tuner: `set_seed(--seed)`, the dataset shuffle seed, the LoRA
 initialisation in module order, the DataLoader permutation, then per step `randn_like(latents)` noise in the cache
 dtype and the timestep draw. Loading sample-prompt encoders and sampling draw nothing from the run's generators.
 
-Fixed reference defects (§4.16): the empty --optimizer_type means AdamW; schedule-free optimizers get a working
+Fixed musubi-tuner defects: the empty --optimizer_type means AdamW; schedule-free optimizers get a working
 scheduler; --dim_from_weights builds the network from the file's ranks and alphas; the metadata key is
 ss_session_id; --output_name has a default; loaded --network_weights set the runtime scale from their alpha;
 one-frame samples work with 2x/4x clean latents. --resume continues the epoch, the step and the data order where
@@ -50,7 +50,7 @@ MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": to
 def model_inputs(
     batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor, guidance_scale: float, device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """DiT keyword arguments of a cached batch (§4.11). 2x/4x clean latents: the cached ones, or zeros when only
+    """DiT keyword arguments of a cached batch. 2x/4x clean latents: the cached ones, or zeros when only
     their indices were cached (one-frame caches), or nothing when the indices are absent (--one_frame_no_2x/4x).
     Floating tensors are cast to `dtype` (float32 under autocast, the DiT dtype without)."""
     latents = batch["latents"]
@@ -138,104 +138,114 @@ def epoch_batches(loader, undo_start_draws: bool):
     yield from iterator
 
 
+def resolved_flags(flags: argparse.Namespace, **derived) -> argparse.Namespace:
+    """A copy of the flags with the values derived at start (seed, output name, step count) filled in; the
+    caller's namespace stays as given."""
+    return argparse.Namespace(**{**vars(flags), **derived})
+
+
+def load_dit(args: argparse.Namespace, device: torch.device):
+    """The DiT in its file dtype (bf16), frozen; base LoRAs merged, then fp8, then block swap."""
+    from frame_pack.attention import AttentionBackendError, check_attn_mode
+    from frame_pack.block_swap import check_blocks_to_swap
+    from frame_pack.dit_loader import load_packed_model
+    from frame_pack.fp8 import apply_fp8
+
+    mode = attention_mode(args)
+    if mode != "torch":
+        try:
+            check_attn_mode(mode)
+        except AttentionBackendError as e:
+            flag = next(f for f, m in ATTENTION_FLAGS.items() if m == mode)
+            raise ValueError(f"--{flag}: {e}; use --sdpa") from None
+    dit = load_packed_model(args.dit, "cpu", attn_mode=mode, split_attn=args.split_attn)
+    dit.eval().requires_grad_(False)
+    swap = args.blocks_to_swap or 0
+    if swap and device.type != "cpu":  # on the CPU block swap is a no-op (enable_block_swap warns)
+        check_blocks_to_swap(swap, len(dit.transformer_blocks), len(dit.single_transformer_blocks), training=True)
+    if args.base_weights:
+        from networks.lora_merge import merge_lora_files
+
+        multipliers = args.base_weights_multiplier or []
+        multipliers = [multipliers[i] if i < len(multipliers) else 1.0 for i in range(len(args.base_weights))]
+        merge_lora_files(dit, args.base_weights, multipliers, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
+    if args.fp8_base:
+        apply_fp8(dit, scaled=args.fp8_scaled)  # before the LoRA takes over the Linear forwards
+    if swap:
+        dit.enable_block_swap(swap, device, supports_backward=True)
+    dit.move_to_device_except_swap_blocks(device)
+    return dit
+
+
+def read_weights(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def create_network(args: argparse.Namespace, dit):
+    """The LoRA network of --network_module applied to the DiT, with --network_weights loaded if given."""
+    module = importlib.import_module(args.network_module)
+    kwargs = dict(item.partition("=")[::2] for item in args.network_args or [])
+    if args.dim_from_weights:
+        network = module.create_arch_network_from_weights(1.0, read_weights(args.network_weights), unet=dit)
+        rank_dropout, module_dropout = kwargs.get("rank_dropout"), kwargs.get("module_dropout")
+        for lora in network.unet_loras:
+            lora.dropout = args.network_dropout
+            lora.rank_dropout = None if rank_dropout is None else float(rank_dropout)
+            lora.module_dropout = None if module_dropout is None else float(module_dropout)
+        if kwargs.get("loraplus_lr_ratio") is not None:
+            network.set_loraplus_lr_ratio(float(kwargs["loraplus_lr_ratio"]))
+    else:
+        create = getattr(module, "create_arch_network", None) or module.create_network
+        network = create(
+            1.0,
+            args.network_dim,
+            args.network_alpha,
+            None,
+            None,
+            dit,
+            neuron_dropout=args.network_dropout,
+            **kwargs,
+        )
+    if hasattr(network, "prepare_network"):
+        network.prepare_network(args)
+    network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
+    if args.network_weights:
+        info = network.load_weights(args.network_weights)
+        logger.info(f"loaded network weights from {args.network_weights}: {info}")
+    return network
+
+
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    """A training run: `__init__` builds everything in the setup order that fixes the random draws (seed, dataset
+    shuffle seed, LoRA initialisation, then the data order); `train()` runs the loop."""
 
-    # ---- setup ---------------------------------------------------------------------------------------------------
-
-    def load_dit(self):
-        """The DiT in its file dtype (bf16), frozen; base LoRAs merged, then fp8, then block swap."""
-        from frame_pack.attention import AttentionBackendError, check_attn_mode
-        from frame_pack.block_swap import check_blocks_to_swap
-        from frame_pack.dit_loader import load_packed_model
-        from frame_pack.fp8 import apply_fp8
-
-        args, device = self.args, self.accelerator.device
-        mode = attention_mode(args)
-        if mode != "torch":
-            try:
-                check_attn_mode(mode)
-            except AttentionBackendError as e:
-                flag = next(f for f, m in ATTENTION_FLAGS.items() if m == mode)
-                raise ValueError(f"--{flag}: {e}; use --sdpa") from None
-        dit = load_packed_model(args.dit, "cpu", attn_mode=mode, split_attn=args.split_attn)
-        dit.eval().requires_grad_(False)
-        swap = args.blocks_to_swap or 0
-        if swap and device.type != "cpu":  # on the CPU block swap is a no-op (enable_block_swap warns)
-            check_blocks_to_swap(swap, len(dit.transformer_blocks), len(dit.single_transformer_blocks), training=True)
-        if args.base_weights:
-            from networks.lora_merge import merge_lora_files
-
-            multipliers = args.base_weights_multiplier or []
-            multipliers = [multipliers[i] if i < len(multipliers) else 1.0 for i in range(len(args.base_weights))]
-            merge_lora_files(dit, args.base_weights, multipliers, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
-        if args.fp8_base:
-            apply_fp8(dit, scaled=args.fp8_scaled)  # before the LoRA takes over the Linear forwards
-        if swap:
-            dit.enable_block_swap(swap, device, supports_backward=True)
-        dit.move_to_device_except_swap_blocks(device)
-        return dit
-
-    def create_network(self, dit):
-        args = self.args
-        module = importlib.import_module(args.network_module)
-        kwargs = dict(item.partition("=")[::2] for item in args.network_args or [])
-        if args.dim_from_weights:
-            network = module.create_arch_network_from_weights(1.0, self.read_weights(args.network_weights), unet=dit)
-            rank_dropout, module_dropout = kwargs.get("rank_dropout"), kwargs.get("module_dropout")
-            for lora in network.unet_loras:
-                lora.dropout = args.network_dropout
-                lora.rank_dropout = None if rank_dropout is None else float(rank_dropout)
-                lora.module_dropout = None if module_dropout is None else float(module_dropout)
-            if kwargs.get("loraplus_lr_ratio") is not None:
-                network.set_loraplus_lr_ratio(float(kwargs["loraplus_lr_ratio"]))
-        else:
-            create = getattr(module, "create_arch_network", None) or module.create_network
-            network = create(
-                1.0,
-                args.network_dim,
-                args.network_alpha,
-                None,
-                None,
-                dit,
-                neuron_dropout=args.network_dropout,
-                **kwargs,
-            )
-        if hasattr(network, "prepare_network"):
-            network.prepare_network(args)
-        network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
-        if args.network_weights:
-            info = network.load_weights(args.network_weights)
-            logger.info(f"loaded network weights from {args.network_weights}: {info}")
-        return network
-
-    @staticmethod
-    def read_weights(path: str) -> dict:
-        if path.endswith(".safetensors"):
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    def setup(self) -> None:
-        args = self.args
+    def __init__(self, flags: argparse.Namespace):
         self.session_id = random.randint(0, SEED_MAX)
         self.started_at = time.time()
-        if args.seed is None:
-            args.seed = random.randint(0, SEED_MAX)
-        set_seed(args.seed)
+        seed = flags.seed if flags.seed is not None else random.randint(0, SEED_MAX)
+        set_seed(seed)
 
-        group = load_dataset_group(args.dataset_config, args, training=True)
+        self.group = group = load_dataset_group(flags.dataset_config, flags, training=True)
         if group.num_train_items == 0:
-            raise ValueError(f"--dataset_config {args.dataset_config}: no cached items (run the caching scripts)")
-        if args.output_name is None:
-            args.output_name = os.path.splitext(os.path.basename(args.dataset_config))[0]
-            logger.info(f"--output_name not given: saving as {args.output_name}")
-        self.group = group
+            raise ValueError(f"--dataset_config {flags.dataset_config}: no cached items (run the caching scripts)")
+        output_name = flags.output_name
+        if output_name is None:
+            output_name = os.path.splitext(os.path.basename(flags.dataset_config))[0]
+            logger.info(f"--output_name not given: saving as {output_name}")
         loader, self.sampler, self.shared_epoch, self.shared_step = build_dataloader(
-            group, args.max_data_loader_n_workers, args.persistent_data_loader_workers
+            group, flags.max_data_loader_n_workers, flags.persistent_data_loader_workers
         )
 
-        self.accelerator = acc = create_accelerator(args)
+        self.accelerator = acc = create_accelerator(flags)
+        max_train_steps = flags.max_train_steps
+        if flags.max_train_epochs is not None:
+            per_epoch = math.ceil(len(loader) / acc.num_processes / flags.gradient_accumulation_steps)
+            max_train_steps = flags.max_train_epochs * per_epoch
+            logger.info(f"{flags.max_train_epochs} epochs: {max_train_steps} steps")
+        self.args = args = resolved_flags(flags, seed=seed, output_name=output_name, max_train_steps=max_train_steps)
+
         self.samples = None
         if args.sample_prompts and acc.is_main_process:
             from training.sample_prompts import SampleGenerator
@@ -243,8 +253,8 @@ class Trainer:
             self.samples = SampleGenerator(args, acc.device)
 
         with preserved_rng():  # loading draws nothing in a seeded run; keep it that way
-            dit = self.load_dit()
-        network = self.create_network(dit)
+            dit = load_dit(args, acc.device)
+        network = create_network(args, dit)
         if args.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
             network.enable_gradient_checkpointing()
@@ -252,10 +262,8 @@ class Trainer:
 
         params, self.lr_descriptions = network.prepare_optimizer_params(unet_lr=args.learning_rate)
         self.optimizer_info = create_optimizer(args, params)
-        if args.max_train_epochs is not None:
-            per_epoch = math.ceil(len(loader) / acc.num_processes / args.gradient_accumulation_steps)
-            args.max_train_steps = args.max_train_epochs * per_epoch
-            logger.info(f"{args.max_train_epochs} epochs: {args.max_train_steps} steps")
+        info = self.optimizer_info
+        self.args = args = resolved_flags(args, learning_rate=info.learning_rate, lr_scheduler=info.lr_scheduler)
         group.set_max_train_steps(args.max_train_steps)
         lr_scheduler = create_lr_scheduler(args, self.optimizer_info, acc.num_processes)
 
@@ -271,7 +279,7 @@ class Trainer:
 
         self.state = C.TrainerState()
         if args.resume:
-            self.resume()
+            self.state = self.resumed_state()
         elif acc.num_processes > 1:
             set_seed(args.seed, device_specific=True)  # each process draws its own noise and timesteps
 
@@ -312,7 +320,8 @@ class Trainer:
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)
 
-    def resume(self) -> None:
+    def resumed_state(self) -> C.TrainerState:
+        """Load the accelerate state of --resume; the trainer state saved with it (a fresh one if absent)."""
         args, acc = self.args, self.accelerator
         folder = C.download_state_from_hub(args) if args.resume_from_huggingface else args.resume
         logger.info(f"resuming from {folder}")
@@ -320,14 +329,14 @@ class Trainer:
         state = C.TrainerState.load(folder)
         if state is None:
             logger.warning(f"{folder} has no {C.TRAINER_STATE_FILE} (not saved by this trainer): starting at step 0")
-            return
+            return C.TrainerState()
         if state.steps_in_epoch and len(state.epoch_order) != len(self.sampler.data_source):
             logger.warning("the dataset changed since the state was saved: the interrupted epoch starts over")
             state.steps_in_epoch, state.epoch_finished = 0, False
-        self.state = state
         if state.sampler_generator_state is not None and self.sampler.generator is not None:
             self.sampler.generator.set_state(torch.tensor(state.sampler_generator_state, dtype=torch.uint8))
         logger.info(f"resuming at epoch {state.epoch}, step {state.global_step}")
+        return state
 
     # ---- the step ------------------------------------------------------------------------------------------------
 
@@ -481,7 +490,6 @@ class Trainer:
         self.optimizer_info.train()
 
     def train(self) -> None:
-        self.setup()
         args, acc, state = self.args, self.accelerator, self.state
         global_step = state.global_step
         recorder = LossRecorder()
