@@ -17,11 +17,13 @@ HunyuanVideo block names are renamed to FramePack's, and fused projections are s
 
 Export (`to_diffusers`) writes the diffusers/PEFT layout that diffusers' HunyuanVideo/FramePack LoRA loader reads:
 `transformer.<module path>.lora_A.weight` / `.lora_B.weight` and no `.alpha` keys (diffusers rejects a file with a
-key lacking "lora"). The alphas go into the `lora_adapter_metadata` header entry (`transformer.r`,
-`transformer.lora_alpha`, per-module `rank_pattern`/`alpha_pattern`), which diffusers turns into the PEFT
-LoraConfig, so the tensors stay untouched and the round trip is exact. Loaders that ignore that header apply scale
-1; for them `fold_alpha=True` multiplies down and up by sqrt(alpha/rank) instead (what musubi's `convert_lora.py
---target other` does; the product is kept, the tensors are not bit-identical on the way back).
+key lacking "lora"). By default alpha/rank is folded into the factors (each multiplied by sqrt(alpha/rank), in
+float32) and the `lora_adapter_metadata` header entry says alpha = rank, so a loader that reads only the tensors
+(ComfyUI's `load_torch_file`, FramePack-Studio) and one that reads the header (diffusers) apply the same weights.
+Our own header entry `lora_folded_alphas` keeps the original alphas so the import divides them out again (exact
+for bf16 files, to float32 rounding otherwise). `fold_alpha=False` keeps the tensors untouched and puts the alphas
+only in the `lora_adapter_metadata` entry (`transformer.r`, `transformer.lora_alpha`, per-module
+`rank_pattern`/`alpha_pattern`): exact, but too strong by rank/alpha in any loader that ignores the header.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 from networks.lora import ALPHA_KEY, DOWN_KEY, LORA_PREFIX, UP_KEY
 from networks.lora_framepack import module_path
 from utils.checkpoint_kinds import identify_checkpoint
-from utils.safetensors_utils import load_state_dict, read_header
+from utils.safetensors_utils import load_state_dict, read_header, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +51,24 @@ MUSUBI_HUNYUAN = "musubi HunyuanVideo"
 DIFFUSION_PIPE_HUNYUAN = "diffusion-pipe HunyuanVideo"
 DIFFUSERS_FRAMEPACK = "diffusers/PEFT FramePack"
 
-PEFT_PREFIXES = ("diffusion_model", "transformer")
+# `transformer.`: diffusers; `diffusion_model.`: diffusion-pipe; `base_model.model.`: PEFT's own save_pretrained.
+PEFT_PREFIXES = ("diffusion_model", "transformer", "base_model.model")
 PEFT_KINDS = {"lora_A.weight": DOWN_KEY, "lora_B.weight": UP_KEY, ALPHA_KEY: ALPHA_KEY}
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry holding the PEFT LoraConfig kwargs
 ALPHA_DTYPE_KEY = "lora_alpha_dtype"  # ours: dtype of the alphas, so the import recreates them exactly
+FOLDED_ALPHAS_KEY = "lora_folded_alphas"  # ours: {module path: alpha} folded into the factors of an export
+WEIGHT_DTYPE_KEY = "lora_weight_dtype"  # ours: dtype of the factors before a folded export
+EXPORT_DTYPE = torch.float32  # folded factors are stored in float32 unless asked otherwise
+# Header entries that describe the tensors of one layout; a conversion rewrites them instead of copying them.
+OUR_HEADER_KEYS = (ADAPTER_METADATA_KEY, ALPHA_DTYPE_KEY, FOLDED_ALPHAS_KEY, WEIGHT_DTYPE_KEY)
 LYCORIS_MARKERS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_blocks", ".dora_scale", ".diff", ".diff_b")
 
 _MUSUBI_KEY = re.compile(
     rf"^{LORA_PREFIX}_(?P<body>[^.]+)\.(?P<kind>{'|'.join(map(re.escape, (DOWN_KEY, UP_KEY, ALPHA_KEY)))})$"
 )
 _PEFT_KEY = re.compile(
-    rf"^(?P<prefix>{'|'.join(PEFT_PREFIXES)})\.(?P<body>.+)\.(?P<kind>{'|'.join(map(re.escape, PEFT_KINDS))})$"
+    rf"^(?:(?P<prefix>{'|'.join(map(re.escape, PEFT_PREFIXES))})\.)?(?P<body>.+)"
+    rf"\.(?P<kind>{'|'.join(map(re.escape, PEFT_KINDS))})$"
 )
 _HUNYUAN_BODY = re.compile(r"^(?P<list>double_blocks|single_blocks)_(?P<index>\d+)_(?P<child>.+)$")
 # (key style, HunyuanVideo block names?) -> format
@@ -100,6 +109,13 @@ HUNYUAN_TO_FRAMEPACK = {
 }
 
 
+# Where a module's alpha was found (ConvertedLora.alpha_sources).
+ALPHA_FROM_KEYS = "`.alpha` keys"
+ALPHA_FROM_HEADER = f"header {ADAPTER_METADATA_KEY}"
+ALPHA_FROM_FOLDED = f"folded into the factors (header {FOLDED_ALPHAS_KEY})"
+ALPHA_FROM_NONE = "none stored (alpha = rank)"
+
+
 class LoraFormatError(ValueError):
     """A LoRA file whose layout is not one this tool can merge."""
 
@@ -112,6 +128,7 @@ class ConvertedLora:
     formats: dict[str, int] = field(default_factory=dict)  # format -> number of source keys
     unrecognized: list[str] = field(default_factory=list)  # source keys that could not be converted
     sources: dict[str, str] = field(default_factory=dict)  # converted key -> the file key it came from
+    alpha_sources: dict[str, str] = field(default_factory=dict)  # converted module name -> where its alpha came from
 
     def source_keys(self, keys) -> list[str]:
         """The file keys behind some converted keys (each once; alphas added here have none)."""
@@ -125,7 +142,23 @@ def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return torch.load(path, map_location="cpu", weights_only=True), {}
 
 
-def _example_keys(keys, n: int = 5) -> str:
+def _header_dtype(metadata: Mapping[str, str] | None, key: str) -> torch.dtype | None:
+    value = getattr(torch, (metadata or {}).get(key, ""), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _unfold(parts: dict, alpha: float, weight_dtype, alpha_dtype) -> dict[str, torch.Tensor]:
+    """Divide sqrt(alpha/rank) out of folded factors again and restore the alpha (the inverse of a folded export)."""
+    root = math.sqrt(alpha / parts[DOWN_KEY].shape[0])
+    down, up = parts[DOWN_KEY], parts[UP_KEY]
+    return {
+        DOWN_KEY: (down.float() / root).to(weight_dtype or down.dtype),
+        UP_KEY: (up.float() / root).to(weight_dtype or up.dtype),
+        ALPHA_KEY: torch.tensor(alpha, dtype=alpha_dtype),
+    }
+
+
+def example_keys(keys, n: int = 5) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
@@ -185,18 +218,22 @@ def convert_to_framepack(
     metadata: Mapping[str, str] | None = None,
     target_rows: Mapping[str, int] | None = None,
     source: str = "LoRA",
+    unfold: bool = True,
 ) -> ConvertedLora:
     """Detect the layout of every key and return the musubi FramePack state dict.
 
     `target_rows` (musubi name -> output rows of the DiT Linear) decides how fused HunyuanVideo up weights are
-    split; without it the FramePack proportions are used (q = k = v, MLP = 4 x q). Raises LoraFormatError when no
-    key is a LoRA key this tool knows (listing a few) or when the file is a LyCORIS one.
+    split; without it the FramePack proportions are used (q = k = v, MLP = 4 x q). A folded export of ours gets its
+    original alphas back (`unfold=False` keeps the folded factors with alpha = rank, as other tools see them).
+    Raises LoraFormatError when no key is a LoRA key this tool knows (listing a few) or when the file is a LyCORIS
+    one.
     """
     if any(k.endswith(LYCORIS_MARKERS) for k in state_dict):
         raise LoraFormatError(f"{source}: this is a LyCORIS file (LoHa/LoKr/DoRA keys); merge it with --lycoris")
     adapter_alpha = _adapter_alphas(metadata)
-    alpha_dtype = getattr(torch, (metadata or {}).get(ALPHA_DTYPE_KEY, ""), torch.float32)
-    alpha_dtype = alpha_dtype if isinstance(alpha_dtype, torch.dtype) else torch.float32
+    alpha_dtype = _header_dtype(metadata, ALPHA_DTYPE_KEY) or torch.float32
+    folded_alphas = json.loads((metadata or {}).get(FOLDED_ALPHAS_KEY) or "{}") if unfold else {}
+    weight_dtype = _header_dtype(metadata, WEIGHT_DTYPE_KEY)
 
     formats: Counter[str] = Counter()
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -208,7 +245,7 @@ def convert_to_framepack(
             style, body, kind = "musubi", m["body"], m["kind"]
         elif m := _PEFT_KEY.match(key):
             style, body, kind = "peft", m["body"].replace(".", "_"), PEFT_KINDS[m["kind"]]
-            peft_path[f"{LORA_PREFIX}_{body}"] = (m["prefix"], m["body"])
+            peft_path[f"{LORA_PREFIX}_{body}"] = (m["prefix"] or "", m["body"])
         else:
             unrecognized.append(key)
             continue
@@ -221,7 +258,7 @@ def convert_to_framepack(
         hint = f" It looks like {what}." if what and "LoRA" not in what else ""
         raise LoraFormatError(
             f"{source}: no key is in a LoRA layout this tool knows (musubi lora_unet_*, HunyuanVideo, diffusion-pipe, "
-            f"diffusers/PEFT).{hint} Keys: {_example_keys(state_dict.keys())}"
+            f"diffusers/PEFT).{hint} Keys: {example_keys(state_dict.keys())}"
         )
     logger.info(
         f"{source}: detected format "
@@ -230,12 +267,20 @@ def convert_to_framepack(
     )
 
     result = ConvertedLora({}, dict(formats), unrecognized)
+    alpha_sources: dict[str, str] = {}  # file module name -> source of its alpha
     no_alpha = []
     for name, parts in modules.items():
         split = {}
         if DOWN_KEY in parts and UP_KEY in parts:
-            if ALPHA_KEY not in parts:
+            path = peft_path.get(name, ("", None))[1]
+            if path in folded_alphas:
+                parts = _unfold(parts, float(folded_alphas[path]), weight_dtype, alpha_dtype)
+                alpha_sources[name] = ALPHA_FROM_FOLDED
+            elif ALPHA_KEY in parts:
+                alpha_sources[name] = ALPHA_FROM_KEYS
+            else:
                 value = adapter_alpha(*peft_path[name]) if name in peft_path else None
+                alpha_sources[name] = ALPHA_FROM_NONE if value is None else ALPHA_FROM_HEADER
                 if value is None:
                     value = float(parts[DOWN_KEY].shape[0])  # scale 1, as the reference assumes for lora_A/lora_B files
                     if name not in peft_path:
@@ -246,6 +291,7 @@ def convert_to_framepack(
         if not split:
             unrecognized.extend(origin[name].values())
         for target, target_parts in split.items():
+            result.alpha_sources[target] = alpha_sources[name]
             for kind, tensor in target_parts.items():
                 result.state_dict[f"{target}.{kind}"] = tensor
                 if kind in origin[name]:
@@ -264,12 +310,34 @@ def group_by_module(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[st
     return modules
 
 
+def _adapter_config(prefix: str, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """The PEFT LoraConfig kwargs diffusers reads from `lora_adapter_metadata`: the commonest rank and alpha, plus
+    per-module patterns for the others."""
+    rank0 = Counter(ranks.values()).most_common(1)[0][0]
+    alpha0 = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        f"{prefix}.r": rank0,
+        f"{prefix}.lora_alpha": alpha0,
+        f"{prefix}.rank_pattern": {p: r for p, r in ranks.items() if r != rank0},
+        f"{prefix}.alpha_pattern": {p: a for p, a in alphas.items() if a != alpha0},
+        f"{prefix}.target_modules": sorted(ranks),
+    }
+
+
 def to_diffusers(
-    state_dict: Mapping[str, torch.Tensor], prefix: str = "transformer", fold_alpha: bool = False
+    state_dict: Mapping[str, torch.Tensor],
+    prefix: str = "transformer",
+    fold_alpha: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """musubi FramePack state dict -> (diffusers/PEFT tensors, header metadata carrying the alphas)."""
+    """musubi FramePack state dict -> (diffusers/PEFT tensors, header metadata).
+
+    `fold_alpha` (default): factors times sqrt(alpha/rank), stored in `dtype` (default float32), header alpha =
+    rank, original alphas under `lora_folded_alphas`. Otherwise the tensors are copied (cast only when `dtype` is
+    given) and the header carries the alphas.
+    """
     tensors, ranks, alphas, unknown = {}, {}, {}, []
-    alpha_dtypes = set()
+    alpha_dtypes, weight_dtypes = set(), set()
     for name, parts in group_by_module(state_dict).items():
         path = module_path(name)
         if path is None or DOWN_KEY not in parts or UP_KEY not in parts:
@@ -280,27 +348,70 @@ def to_diffusers(
         alpha = parts[ALPHA_KEY].item() if ALPHA_KEY in parts else rank
         if ALPHA_KEY in parts:
             alpha_dtypes.add(str(parts[ALPHA_KEY].dtype).removeprefix("torch."))
+        weight_dtypes.add(str(down.dtype).removeprefix("torch."))
         if fold_alpha:
             root = math.sqrt(alpha / rank)
-            down, up = (down.float() * root).to(down.dtype), (up.float() * root).to(up.dtype)
+            down, up = down.float() * root, up.float() * root
+            dtype = dtype or EXPORT_DTYPE
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
         tensors[f"{prefix}.{path}.lora_A.weight"] = down
         tensors[f"{prefix}.{path}.lora_B.weight"] = up
         ranks[path], alphas[path] = rank, alpha
     if unknown:
-        raise LoraFormatError(f"cannot name these modules in the diffusers layout: {_example_keys(unknown)}")
-    if fold_alpha:
-        return tensors, {}
+        raise LoraFormatError(f"cannot name these modules in the diffusers layout: {example_keys(unknown)}")
+    if not tensors:
+        raise LoraFormatError("the LoRA has no module to export")
 
-    rank0 = Counter(ranks.values()).most_common(1)[0][0]
-    alpha0 = Counter(alphas.values()).most_common(1)[0][0]
-    config = {
-        f"{prefix}.r": rank0,
-        f"{prefix}.lora_alpha": alpha0,
-        f"{prefix}.rank_pattern": {p: r for p, r in ranks.items() if r != rank0},
-        f"{prefix}.alpha_pattern": {p: a for p, a in alphas.items() if a != alpha0},
-        f"{prefix}.target_modules": sorted(ranks),
-    }
-    metadata = {ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True)}
+    if fold_alpha:
+        config = _adapter_config(prefix, ranks, {p: float(r) for p, r in ranks.items()})
+        metadata = {ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True)}
+        metadata[FOLDED_ALPHAS_KEY] = json.dumps(alphas, sort_keys=True)
+        if len(weight_dtypes) == 1:
+            metadata[WEIGHT_DTYPE_KEY] = weight_dtypes.pop()
+    else:
+        metadata = {ADAPTER_METADATA_KEY: json.dumps(_adapter_config(prefix, ranks, alphas), sort_keys=True)}
     if len(alpha_dtypes) == 1:
         metadata[ALPHA_DTYPE_KEY] = alpha_dtypes.pop()
     return tensors, metadata
+
+
+def export_lora_file(
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    path: str,
+    prefix: str = "transformer",
+    fold_alpha: bool = True,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write a musubi FramePack state dict as a diffusers/PEFT file (atomically), keeping the user metadata."""
+    tensors, extra = to_diffusers(state_dict, prefix=prefix, fold_alpha=fold_alpha, dtype=dtype)
+    kept = {k: v for k, v in (metadata or {}).items() if k not in OUR_HEADER_KEYS and not k.startswith("sshs_")}
+    save_safetensors(tensors, path, {**kept, **extra})
+
+
+def ranks_alphas(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
+    """musubi FramePack state dict -> {module name: (rank, alpha)} (alpha = rank where the module has none)."""
+    found = {}
+    for name, parts in group_by_module(state_dict).items():
+        if DOWN_KEY in parts:
+            rank = parts[DOWN_KEY].shape[0]
+            found[name] = (rank, float(parts[ALPHA_KEY]) if ALPHA_KEY in parts else float(rank))
+    return found
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def describe_scales(ranks_and_alphas: Mapping[str, tuple[int, float]], multiplier: float = 1.0) -> str:
+    """`alpha 2 / rank 4 x multiplier 0.7 = 0.35` per distinct (rank, alpha), commonest first, with module counts."""
+    groups = Counter(ranks_and_alphas.values()).most_common()
+    parts = []
+    for (rank, alpha), count in groups[:4]:
+        text = f"alpha {_number(alpha)} / rank {rank} x multiplier {_number(multiplier)} = "
+        text += _number(alpha / rank * multiplier)
+        parts.append(text + (f" ({count} modules)" if len(groups) > 1 else ""))
+    if len(groups) > 4:
+        parts.append(f"{len(groups) - 4} more (rank, alpha) pairs")
+    return "; ".join(parts)

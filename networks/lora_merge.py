@@ -2,8 +2,10 @@
 
 Per file: load, convert to the musubi FramePack layout (`networks.lora_convert`), filter keys with the file's
 include/exclude regex (`search`, include first), then W <- W + m * (up @ down) * (alpha / rank) for each module,
-one module at a time in float32 on `device`, written back into the weight in its own dtype and device. Keys that
-match no Linear of the DiT's blocks are reported, never dropped silently.
+one module at a time in float32 on `device`, written back into the weight in its own dtype and device. Each file
+logs its detected format, the modules applied, the effective scale (alpha/rank x multiplier) and the keys that
+matched nothing. A file none of whose keys fits the DiT, or whose factor shapes do not fit the Linears they name,
+is refused before any weight changes, naming the file and a few keys.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import torch
 import torch.nn as nn
 
 from networks.lora import ALPHA_KEY, DOWN_KEY, UP_KEY, merge_into_linear
-from networks.lora_convert import LoraFormatError, convert_to_framepack, group_by_module, load_lora_file
+from networks.lora_convert import (
+    LoraFormatError,
+    convert_to_framepack,
+    describe_scales,
+    example_keys,
+    group_by_module,
+    load_lora_file,
+    ranks_alphas,
+)
 from networks.lora_framepack import target_linears
 from utils.safetensors_utils import save_safetensors
 
@@ -38,6 +48,7 @@ class LoraMergeReport:
     merged: list[str] = field(default_factory=list)  # musubi module names merged
     filtered_out: int = 0  # keys removed by the include/exclude patterns
     unmatched: list[str] = field(default_factory=list)  # keys that reached no DiT weight
+    effective_scales: dict[str, float] = field(default_factory=dict)  # module -> alpha / rank x multiplier
 
 
 def _multipliers(values, count: int) -> list[float]:
@@ -106,19 +117,54 @@ def _merge_modules(linears: dict[str, nn.Linear], sd: dict, multiplier: float, d
     return merged, unmatched
 
 
+def _check_fits(linears: dict[str, nn.Linear], sd: dict, converted, path: str) -> None:
+    """Refuse the file before merging anything when no module matches or a module's factors do not fit its Linear."""
+    modules = group_by_module(sd)
+    matched = [n for n, parts in modules.items() if n in linears and DOWN_KEY in parts and UP_KEY in parts]
+    if not matched:
+        unmatched = converted.unrecognized + converted.source_keys(sd)
+        raise LoraFormatError(
+            f"{path}: no key matches a module of this DiT (a LoRA for another model?): {example_keys(unmatched, 8)}"
+        )
+    misfits = []
+    for name in matched:
+        down, up, linear = modules[name][DOWN_KEY], modules[name][UP_KEY], linears[name]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[1] != linear.in_features or up.shape[0] != linear.out_features:
+            fits = f"a Linear {linear.in_features} -> {linear.out_features}"
+            misfits.append((name, f"down {tuple(down.shape)} / up {tuple(up.shape)} for {fits}"))
+        elif up.shape[1] != down.shape[0]:
+            misfits.append((name, f"rank {down.shape[0]} in down but {up.shape[1]} in up"))
+    if misfits:
+        shown = "; ".join(f"{(converted.source_keys([f'{n}.{DOWN_KEY}']) or [n])[0]}: {why}" for n, why in misfits[:3])
+        raise LoraFormatError(
+            f"{path}: {len(misfits)} of {len(matched)} modules have shapes that do not fit this DiT (a LoRA for a "
+            f"different model size?): {shown}"
+        )
+
+
 def _merge_file(linears, path, sd, metadata, multiplier, include, exclude, device, dtype) -> LoraMergeReport:
     rows = {name: linear.out_features for name, linear in linears.items()}
     converted = convert_to_framepack(sd, metadata, target_rows=rows, source=path)
     report = LoraMergeReport(path, multiplier, converted.formats)
     filtered = _filter(converted.state_dict, include, exclude, report)
+    if not filtered and report.filtered_out:
+        logger.warning(f"{path}: the include/exclude patterns left no key; nothing merged")
+        return report
+    _check_fits(linears, filtered, converted, path)
     report.merged, unmatched = _merge_modules(linears, filtered, multiplier, device, dtype)
     report.unmatched = converted.unrecognized + converted.source_keys(unmatched)
-    logger.info(f"{path}: merged {len(report.merged)} modules")
+    scales = {n: ra for n, ra in ranks_alphas(filtered).items() if n in report.merged}
+    report.effective_scales = {n: alpha / rank * multiplier for n, (rank, alpha) in scales.items()}
+    alphas_from = ", ".join(sorted({converted.alpha_sources[n] for n in report.merged}))
+    logger.info(
+        f"{path}: applied {len(report.merged)} modules, effective scale {describe_scales(scales, multiplier)}"
+        f" (alpha from {alphas_from})"
+    )
     if report.unmatched:
-        shown = ", ".join(report.unmatched[:8]) + (" ..." if len(report.unmatched) > 8 else "")
-        if not report.merged:
-            raise LoraFormatError(f"{path}: no key matches a module of this DiT (a LoRA for another model?): {shown}")
-        logger.warning(f"{path}: {len(report.unmatched)} keys match no module of this DiT, not merged: {shown}")
+        logger.warning(
+            f"{path}: {len(report.unmatched)} keys match no module of this DiT, not merged: "
+            f"{example_keys(report.unmatched, 8)}"
+        )
     return report
 
 

@@ -1,4 +1,4 @@
-"""LoRA at inference: every file layout is detected and merged, filters, reports, export/import, merged-model save."""
+"""LoRA at inference: every file layout is detected and merged, filters, reports, refusals, merged-model save."""
 
 import json
 import logging
@@ -7,9 +7,7 @@ import types
 
 import pytest
 import torch
-from safetensors import safe_open
 
-import convert_lora
 from frame_pack.dit_loader import load_packed_model
 from networks import lora_framepack
 from networks.lora_convert import (
@@ -19,7 +17,6 @@ from networks.lora_convert import (
     MUSUBI_HUNYUAN,
     LoraFormatError,
     convert_to_framepack,
-    to_diffusers,
 )
 from networks.lora_merge import LycorisUnavailableError, merge_lora_files, save_merged_model
 from tests.factory.dit import tiny_dit_config
@@ -172,10 +169,21 @@ def test_wrong_model_size_is_a_clear_error(tmp_path):
     }
     with pytest.raises(LoraFormatError, match="9216 rows.*needs 384"):
         merge_lora_files(tiny_model(), [write(tmp_path, "big.safetensors", sd)])
-    sd = {"lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": torch.zeros(2, 3072)}
-    sd["lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"] = torch.zeros(3072, 2)
-    with pytest.raises(ValueError, match="do not fit a Linear of 128 -> 128"):
-        merge_lora_files(tiny_model(), [write(tmp_path, "big2.safetensors", sd)])
+    # One module fits, one does not: the file is refused before any weight changes.
+    sd = framepack_lora(CONFIG, rank=2, dtype=torch.float32)
+    sd["lora_unet_transformer_blocks_1_attn_to_q.lora_down.weight"] = torch.ones(2, 3072)
+    sd["lora_unet_transformer_blocks_1_attn_to_q.lora_up.weight"] = torch.ones(3072, 2)
+    sd["lora_unet_transformer_blocks_1_attn_to_k.lora_up.weight"] = torch.ones(128, 3)  # rank 3 against 2
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = write(tmp_path, "big2.safetensors", sd)
+    with pytest.raises(LoraFormatError) as refused:
+        merge_lora_files(model, [path])
+    message = str(refused.value)
+    assert message.startswith(f"{path}: 2 of 34 modules have shapes that do not fit this DiT")
+    assert "lora_unet_transformer_blocks_1_attn_to_q.lora_down.weight: down (2, 3072) / up (3072, 2)" in message
+    assert "for a Linear 128 -> 128" in message and "rank 2 in down but 3 in up" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---- merge behaviour ----------------------------------------------------------------------------------------------
@@ -354,76 +362,3 @@ def test_saved_merged_model_loads_as_dit_and_generates_the_same_output(tmp_path)
     kw = section_inputs(h=4, w=4, clean=False)
     with torch.no_grad():
         assert torch.equal(model(**kw), loaded(**kw))
-
-
-# ---- export / import ------------------------------------------------------------------------------------------------
-
-
-def test_export_layout_is_what_diffusers_reads():
-    sd = framepack_lora(CONFIG, rank=4, alpha=2.0)
-    sd["lora_unet_single_transformer_blocks_1_proj_out.alpha"] = torch.tensor(8.0, dtype=torch.bfloat16)
-    tensors, metadata = to_diffusers(sd)
-    assert "transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight" in tensors
-    assert "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight" in tensors
-    assert all("lora" in k for k in tensors)  # diffusers refuses a file with any key lacking "lora"
-    assert len(tensors) == 2 * 34
-    config = json.loads(metadata["lora_adapter_metadata"])
-    assert (config["transformer.r"], config["transformer.lora_alpha"]) == (4, 2.0)
-    assert config["transformer.alpha_pattern"] == {"single_transformer_blocks.1.proj_out": 8.0}
-    assert len(config["transformer.target_modules"]) == 34
-
-
-def test_fold_alpha_keeps_the_product_and_drops_the_alphas():
-    sd = framepack_lora(CONFIG, rank=4, alpha=2.0, dtype=torch.float32)
-    tensors, metadata = to_diffusers(sd, fold_alpha=True)
-    assert metadata == {}
-    a = tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
-    b = tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
-    down = sd["lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"]
-    up = sd["lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"]
-    torch.testing.assert_close(b @ a, up @ down * 0.5)
-    back = convert_to_framepack(tensors).state_dict
-    assert float(back["lora_unet_transformer_blocks_0_attn_to_q.alpha"]) == 4.0  # alpha = rank, scale 1
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_export_then_import_reproduces_the_file_exactly(dtype, tmp_path):
-    sd = framepack_lora(CONFIG, rank=4, alpha=2.0, dtype=dtype)
-    sd["lora_unet_transformer_blocks_1_ff_net_2.alpha"] = torch.tensor(0.3, dtype=dtype)
-    rank8 = framepack_lora(CONFIG, rank=8, alpha=16.0, dtype=dtype, seed=3)
-    sd.update({k: v for k, v in rank8.items() if k.startswith("lora_unet_single")})  # a second rank and alpha
-    del sd["lora_unet_single_transformer_blocks_0_attn_to_k.alpha"]
-    sd["lora_unet_single_transformer_blocks_0_attn_to_k.alpha"] = torch.tensor(5.0, dtype=dtype)
-    metadata = {"ss_network_dim": "4", "modelspec.title": "x"}
-    src = write(tmp_path, "ours.safetensors", sd, metadata)
-    exported, back = str(tmp_path / "peft.safetensors"), str(tmp_path / "back.safetensors")
-
-    assert convert_lora.main(["--input", src, "--output", exported, "--target", "other"]) == 0
-    with safe_open(exported, "pt") as f:
-        assert all(k.startswith("transformer.") for k in f.keys())
-        assert f.metadata()["ss_network_dim"] == "4"
-    assert convert_lora.main(["--input", exported, "--output", back, "--target", "default"]) == 0
-
-    with safe_open(back, "pt") as f:
-        assert f.metadata() == metadata
-        result = {k: f.get_tensor(k) for k in f.keys()}
-    assert set(result) == set(sd)
-    for key, tensor in sd.items():
-        assert result[key].dtype == tensor.dtype and torch.equal(result[key], tensor), key
-
-
-def test_convert_script_refuses_unknown_files(tmp_path, caplog):
-    src = write(tmp_path, "u.safetensors", {"foo": torch.zeros(1)})
-    with caplog.at_level(logging.ERROR):
-        assert (
-            convert_lora.main(["--input", src, "--output", str(tmp_path / "o.safetensors"), "--target", "other"]) == 1
-        )
-    assert "foo" in caplog.text
-
-
-def test_convert_script_help_describes_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        convert_lora.parse_args(["--help"])
-    help_text = capsys.readouterr().out
-    for flag in ("--input", "--output", "--target", "--prefix", "--fold_alpha", "lora_adapter_metadata"):
-        assert flag in help_text

@@ -657,3 +657,36 @@ def test_caching_scripts_then_training(models, tmp_path):
     assert len(glob.glob(str(videos.directory / "*_fp.safetensors"))) == 2
     out = train(models, config, tmp_path / "out", steps=2)
     assert load_file(out / "lora.safetensors")["lora_unet_transformer_blocks_0_attn_to_k.lora_up.weight"].any()
+
+
+def test_save_diffusers_lora_writes_an_export_diffusers_merges_like_our_file(models, single, tmp_path):
+    from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked
+    from networks.lora_merge import merge_lora_files
+    from tests.test_lora_export import diffusers_fuse, max_abs_diff
+
+    flags = "--save_diffusers_lora --network_alpha 2 --save_every_n_steps 1 --save_last_n_steps 1"
+    out = train(models, single, tmp_path, *flags.split(), steps=3)
+    assert sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) == [
+        "lora-step00000002.diffusers.safetensors",
+        "lora-step00000002.safetensors",
+        "lora-step00000003.diffusers.safetensors",
+        "lora-step00000003.safetensors",
+        "lora.diffusers.safetensors",
+        "lora.safetensors",
+    ]  # the step-1 export was pruned with its LoRA
+    ours, exported = str(out / "lora.safetensors"), str(out / "lora.diffusers.safetensors")
+    with safe_open(ours, "pt") as f, safe_open(exported, "pt") as g:
+        ours_meta, exported_meta = f.metadata(), g.metadata()
+    assert ours_meta["ss_network_alpha"] == "2.0" and ours_meta["ss_steps"] == "3"
+    assert {k: v for k, v in ours_meta.items() if not k.startswith("sshs_")} == {
+        k: v for k, v in exported_meta.items() if not k.startswith("lora_")
+    }
+
+    base = {k: v.float() for k, v in load_file(models.dit).items()}
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer3DModelPacked(tiny_dit_config())
+    model.load_state_dict({k: v.clone() for k, v in base.items()}, assign=True)
+    merge_lora_files(model, [ours])
+    merged = model.state_dict()
+    assert max_abs_diff(merged, base) > 1e-3  # three steps at lr 1e-2 moved the weights
+    assert max_abs_diff(diffusers_fuse(exported, dit_state_dict={k: v.clone() for k, v in base.items()}), merged) < 1e-6

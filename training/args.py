@@ -322,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep step states of the last N steps")
     g.add_argument("--save_state", action="store_true", help="save the training state with every LoRA save")
     g.add_argument("--save_state_on_train_end", action="store_true", help="save the state at the end of training")
+    g.add_argument(
+        "--save_diffusers_lora",
+        action="store_true",
+        help="also write <name>.diffusers.safetensors next to every saved LoRA: diffusers/PEFT keys with alpha/rank "
+        "folded into float32 factors, the file diffusers, Kijai's ComfyUI-FramePackWrapper and FramePack-Studio "
+        "load at the right strength (same as convert_lora.py --target other; default: off)",
+    )
     g.add_argument("--metadata_title", type=str, default=None, help="modelspec.title (None: the output name)")
     g.add_argument("--metadata_author", type=str, default=None, help="modelspec.author")
     g.add_argument("--metadata_description", type=str, default=None, help="modelspec.description")

@@ -2,9 +2,10 @@
 
 Names (in --output_dir):  every N epochs `<name>-<epoch:06d>.safetensors`, every N steps
 `<name>-step<step:08d>.safetensors`, at the end `<name>.safetensors`; states are the same names with `-state`
-(folders). LoRA files and state folders appear complete or not at all (written under a temporary name, then
-renamed). Metadata: the reference's `ss_*` keys (with `ss_session_id` spelled right; the reference wrote
-`ss_ss_session_id`) and `modelspec.*`.
+(folders). With `--save_diffusers_lora` each LoRA file gets a `<name>.diffusers.safetensors` twin in the
+diffusers/PEFT layout (alpha folded into the factors), saved, pruned and uploaded with it. LoRA files and state
+folders appear complete or not at all (written under a temporary name, then renamed). Metadata: the reference's
+`ss_*` keys (with `ss_session_id` spelled right; the reference wrote `ss_ss_session_id`) and `modelspec.*`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from networks.lora_convert import export_lora_file, load_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ MINIMUM_METADATA_KEYS = (
 )
 TRAINER_STATE_FILE = "trainer_state.json"
 STATE_SUFFIX = "-state"
+DIFFUSERS_SUFFIX = ".diffusers"  # `<name>.diffusers.safetensors`: the --save_diffusers_lora export
 
 
 # ---- names ---------------------------------------------------------------------------------------------------------
@@ -211,6 +215,11 @@ class Saver:
         metadata = save_metadata(self.args, self.base_metadata, steps, epoch)
         self.accelerator.unwrap_model(self.network).save_weights(path, SAVE_DTYPE, metadata)
         self.upload(path, force_sync=final)
+        if self.args.save_diffusers_lora:
+            exported = self._path(name + DIFFUSERS_SUFFIX + ".safetensors")
+            logger.info(f"saving the diffusers/PEFT export: {exported}")
+            export_lora_file(*load_lora_file(path), exported)  # from the saved file: the very tensors users get
+            self.upload(exported, force_sync=final)
 
     def save_state(self, name: str, trainer_state: TrainerState) -> None:
         """accelerate's state (network weights, optimizer, scheduler, every process's RNG) plus the resume position,
@@ -234,10 +243,10 @@ class Saver:
         acc.wait_for_everyone()
 
     def remove_lora(self, name: str) -> None:
-        path = self._path(name + ".safetensors")
-        if self.accelerator.is_main_process and os.path.exists(path):
-            logger.info(f"removing old LoRA: {path}")
-            os.remove(path)
+        for path in (self._path(name + ".safetensors"), self._path(name + DIFFUSERS_SUFFIX + ".safetensors")):
+            if self.accelerator.is_main_process and os.path.exists(path):
+                logger.info(f"removing old LoRA: {path}")
+                os.remove(path)
 
     def remove_state(self, name: str) -> None:
         path = self._path(name + STATE_SUFFIX)
