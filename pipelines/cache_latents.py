@@ -61,8 +61,10 @@ from frame_pack.sections import (
     section_target,
     sections_in_latent,
 )
-from hunyuan_model.image_encoder import encode_image, load_image_encoder
-from hunyuan_model.vae import SPATIAL_COMPRESSION, compute_dtype, encode_pixels, load_vae, read_vae_config
+from hunyuan_model.image_encoder import encode_image
+from hunyuan_model.vae import SPATIAL_COMPRESSION, encode_pixels, read_vae_config
+from pipelines.models import ModelCache
+from pipelines.settings import ModelSettings
 from utils.cli import HelpFormatter
 from utils.device import resolve_device
 from utils.safetensors_utils import WeightFileError, resolve_weight_files
@@ -271,40 +273,21 @@ class LatentCacher:
     """Loads the VAE and the image encoder on first use and writes every cache file of an item."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.args = args
-        self.device = device
         self.f1 = args.f1 and not args.one_frame
         self.one_frame = OneFrameSettings(args.one_frame_no_2x, args.one_frame_no_4x) if args.one_frame else None
-        self._vae = None
-        self._image_encoder = None
-
-    @property
-    def vae(self):
-        if self._vae is None:
-            a = self.args
-            logger.info(f"Loading VAE from {a.vae}")
-            self._vae = load_vae(
-                a.vae, self.device, compute_dtype(self.device), a.vae_chunk_size, a.vae_spatial_tile_sample_min_size
-            )
-        return self._vae
-
-    @property
-    def image_encoder(self):
-        if self._image_encoder is None:
-            encoder = load_image_encoder(self.args.image_encoder, self.device)
-            self._image_encoder = encoder.to(dtype=LATENT_DTYPE).eval().requires_grad_(False)
-        return self._image_encoder
+        self.models = ModelCache(ModelSettings.from_args(args), device, keep=True, image_encoder_dtype=LATENT_DTYPE)
 
     def files(self, item: ItemInfo) -> list[tuple[str, dict[str, ExpectedTensor]]]:
         return expected_files(item, self.f1, self.one_frame)
 
     def embed(self, image: np.ndarray) -> torch.Tensor:
         """SigLIP last_hidden_state (tokens, hidden) of an (H, W, 3|4) uint8 image's RGB channels, on the CPU."""
-        return encode_image(np.ascontiguousarray(image[..., :3]), self.image_encoder)[0].cpu()
+        return encode_image(np.ascontiguousarray(image[..., :3]), self.models.image_encoder())[0].cpu()
 
     def encode(self, frames: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """(F, H, W, C) uint8 → (1, 16, latent frames, h, w) float16 on the CPU."""
-        return encode_pixels(self.vae, vae_input(frames, self.vae.dtype), generator).to(LATENT_DTYPE).cpu()
+        vae = self.models.vae()
+        return encode_pixels(vae, vae_input(frames, vae.dtype), generator).to(LATENT_DTYPE).cpu()
 
     def cache(self, item: ItemInfo, files: list[tuple[str, dict]]) -> None:
         if self.one_frame is not None:

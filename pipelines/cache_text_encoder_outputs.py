@@ -37,13 +37,10 @@ from dataset.caching import (
 from dataset.config import DatasetConfigError, load_dataset_params
 from dataset.image_video_dataset import ItemInfo, build_dataset_group
 from dataset.media import MediaError
-from hunyuan_model.text_encoder import (
-    LLAMA_PADDED_LENGTH,
-    encode_prompt_conds,
-    load_text_encoder1,
-    load_text_encoder2,
-)
-from hunyuan_model.tokenizers import TokenizerUnavailableError, load_tokenizer1, load_tokenizer2
+from hunyuan_model.text_encoder import LLAMA_PADDED_LENGTH
+from hunyuan_model.tokenizers import TokenizerUnavailableError
+from pipelines.models import ModelCache
+from pipelines.settings import ModelSettings
 from utils.device import resolve_device
 from utils.safetensors_utils import SAFETENSORS_DTYPES, WeightFileError, read_header, resolve_weight_files
 
@@ -121,23 +118,10 @@ class TextEncoderCacher:
     """Loads the tokenizers and text encoders on first use and writes the text cache of an item."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.args = args
-        self.device = device
-        self._models = None
-
-    @property
-    def models(self):
-        if self._models is None:
-            a = self.args
-            tokenizer1 = load_tokenizer1(a.tokenizer1, a.text_encoder1)
-            tokenizer2 = load_tokenizer2(a.tokenizer2, a.text_encoder2)
-            text_encoder1 = load_text_encoder1(a.text_encoder1, self.device, fp8_llm=a.fp8_llm).eval()
-            text_encoder2 = load_text_encoder2(a.text_encoder2, self.device).eval()
-            self._models = (text_encoder1, text_encoder2, tokenizer1, tokenizer2)
-        return self._models
+        self.models = ModelCache(ModelSettings.from_args(args), device, keep=True)
 
     def cache(self, item: ItemInfo) -> None:
-        llama_vec, llama_mask, clip_pooler = encode_prompt_conds(item.caption, *self.models)
+        llama_vec, llama_mask, clip_pooler = self.models.text_encoders().encode(item.caption)
         tensors = text_cache_tensors(llama_vec[0], llama_mask[0], clip_pooler[0])
         metadata = cache_paths.text_encoder_cache_metadata(item.caption)
         save_cache_file(item.text_encoder_output_cache_path, tensors, metadata, item.item_key)

@@ -7,7 +7,6 @@ Random draws follow the reference: one CPU generator seeded with the seed, one n
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -28,139 +27,19 @@ from pipelines.generate_args import (
     PromptLineError,
     apply_prompt_line,
     build_parser,
-    lora_multipliers,
     parse_prompt_line,
     read_prompt_file,
     validate_args,
 )
 from pipelines.latent_file import latent_metadata, load_latent, save_latent
-from utils.device import clean_memory, resolve_device
+from pipelines.models import ModelCache, dit_dtype
+from pipelines.settings import GenerationSettings, ModelSettings
+from utils.device import resolve_device
 from utils.video_io import save_images, save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
 
 SEED_MAX = 2**32 - 1
-
-
-# ---- models --------------------------------------------------------------------------------------------------------
-
-
-class Models:
-    """Loads each model when first needed. With `keep` (batch/interactive) encoders stay loaded on the CPU
-    between prompts; otherwise each is released as soon as its work is done, as the reference does."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device, keep: bool):
-        self.args, self.device, self.keep = args, device, keep
-        self._text = None
-        self._image_encoder = None
-        self._vae = None
-        self._dit = None
-
-    def text(self):
-        """(tokenizer1, text_encoder1, tokenizer2, text_encoder2) on the device."""
-        from hunyuan_model.text_encoder import load_text_encoder1, load_text_encoder2
-        from hunyuan_model.tokenizers import load_tokenizer1, load_tokenizer2
-
-        a = self.args
-        if self._text is None:
-            self._text = (
-                load_tokenizer1(a.tokenizer1, a.text_encoder1),
-                load_text_encoder1(a.text_encoder1, self.device, fp8_llm=a.fp8_llm),
-                load_tokenizer2(a.tokenizer2, a.text_encoder2),
-                load_text_encoder2(a.text_encoder2, self.device),
-            )
-        else:
-            for model in self._text[1::2]:
-                model.to(self.device)
-        return self._text
-
-    def image_encoder(self):
-        from hunyuan_model.image_encoder import load_image_encoder
-
-        if self._image_encoder is None:
-            self._image_encoder = load_image_encoder(self.args.image_encoder, self.device)
-        return self._image_encoder.to(self.device)
-
-    def vae(self):
-        from hunyuan_model.vae import compute_dtype, load_vae
-
-        if self._vae is None:
-            a = self.args
-            self._vae = load_vae(
-                a.vae,
-                "cpu",
-                dtype=compute_dtype(self.device),
-                chunk_size=a.vae_chunk_size,
-                spatial_tile_sample_min_size=a.vae_spatial_tile_sample_min_size,
-            )
-        return self._vae.to(self.device)
-
-    def release_encoders(self) -> None:
-        if self.keep:
-            for model in (*(self._text or ())[1::2], self._image_encoder):
-                if model is not None:
-                    model.to("cpu")
-        else:
-            self._text = self._image_encoder = None
-        clean_memory(self.device)
-
-    def offload_vae(self) -> None:
-        if self._vae is not None:
-            self._vae.to("cpu")
-        clean_memory(self.device)
-
-    def dit(self):
-        if self._dit is None:
-            self._dit = load_dit(self.args, self.device)
-        elif self._dit.block_swap is None:
-            self._dit.to(self.device)
-        return self._dit
-
-    def release_dit(self) -> None:
-        if self.keep and self._dit is not None and self._dit.block_swap is None:
-            self._dit.to("cpu")
-        elif not self.keep:
-            self._dit = None
-        clean_memory(self.device)
-
-
-def load_dit(args: argparse.Namespace, device: torch.device):
-    """Load, merge LoRAs, optionally save the merged model, quantize, place on the device."""
-    from frame_pack.dit_loader import load_packed_model
-    from frame_pack.fp8 import apply_fp8
-
-    on_device = args.blocks_to_swap == 0 and not (args.fp8 or args.fp8_scaled) and not args.lora_weight
-    model = load_packed_model(args.dit, device if on_device else "cpu", attn_mode=args.attn_mode)
-    if args.lora_weight:
-        from networks.lora_merge import merge_lora_files
-
-        merge_lora_files(
-            model,
-            args.lora_weight,
-            lora_multipliers(args),
-            include_patterns=args.include_patterns,
-            exclude_patterns=args.exclude_patterns,
-            device=device,
-            lycoris=args.lycoris,
-        )
-        if args.save_merged_model:
-            from networks.lora_merge import save_merged_model
-
-            save_merged_model(model, args.save_merged_model)
-            logger.info(f"merged DiT saved to {args.save_merged_model}")
-            return model
-    if args.fp8 or args.fp8_scaled:
-        apply_fp8(model, scaled=args.fp8_scaled, device=device, keep_on_device=args.blocks_to_swap == 0)
-    model.enable_rope_scaling(args.rope_scaling_timestep_threshold, args.rope_scaling_factor)
-    if args.blocks_to_swap > 0:
-        model.enable_block_swap(args.blocks_to_swap, device)
-    model.move_to_device_except_swap_blocks(device)
-    return model.eval().requires_grad_(False)
-
-
-def dit_dtype(model) -> torch.dtype:
-    """The dtype activations run in: the checkpoint's dtype (fp8 keeps it for non-quantized layers)."""
-    return model.x_embedder.proj.weight.dtype
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -209,38 +88,35 @@ def text_kwargs(llama_vec, llama_mask, clip_pooler) -> dict[str, torch.Tensor]:
     return {"encoder_hidden_states": llama_vec, "encoder_attention_mask": llama_mask, "pooled_projections": clip_pooler}
 
 
-def prepare_inputs(args: argparse.Namespace, models: Models, seed: int) -> PreparedInputs:
+def prepare_inputs(settings: GenerationSettings, models: ModelCache, seed: int) -> PreparedInputs:
     from hunyuan_model.image_encoder import encode_image
-    from hunyuan_model.text_encoder import encode_prompt_conds
     from hunyuan_model.vae import encode_pixels
 
-    height, width = args.video_size
-    one_frame = bool(args.one_frame_inference)
-    image_paths = S.parse_section_spec(args.image_path)
-    prompts = S.parse_section_spec(args.prompt)
+    height, width = settings.video_size
+    one_frame = settings.one_frame
+    image_paths = S.parse_section_spec(settings.image_path)
+    prompts = S.parse_section_spec(settings.prompt)
     if one_frame:  # one-frame mode uses section 0's prompt and image only
         image_paths, prompts = {0: image_paths[0]}, {0: prompts[0]}
     images = {i: read_section_image(p, height, width) for i, p in image_paths.items()}
     end_image = None
-    if args.end_image_path and not args.f1 and not one_frame:
-        end_image = read_section_image(args.end_image_path, height, width)
-    controls = [read_section_image(p, height, width) for p in args.control_image_path or []]
-    mask_paths = args.control_image_mask_path or []
+    if settings.end_image_path and not settings.f1 and not one_frame:
+        end_image = read_section_image(settings.end_image_path, height, width)
+    controls = [read_section_image(p, height, width) for p in settings.control_image_path or []]
+    mask_paths = settings.control_image_mask_path or []
     masks = [
         read_mask(mask_paths[i], height, width) if i < len(mask_paths) else controls[i].alpha
         for i in range(len(controls))
     ]
 
-    tok1, enc1, tok2, enc2 = models.text()
+    encoders = models.text_encoders()
     text = {}
     for prompt in dict.fromkeys(prompts.values()):
         logger.info(f"encoding prompt: {prompt!r}")
-        text[prompt] = text_kwargs(*encode_prompt_conds(prompt, enc1, enc2, tok1, tok2, args.custom_system_prompt))
+        text[prompt] = text_kwargs(*encoders.encode(prompt, settings.custom_system_prompt))
     negative = None
-    if args.guidance_scale != 1.0:
-        negative = text_kwargs(
-            *encode_prompt_conds(args.negative_prompt or "", enc1, enc2, tok1, tok2, args.custom_system_prompt)
-        )
+    if settings.guidance_scale != 1.0:
+        negative = text_kwargs(*encoders.encode(settings.negative_prompt or "", settings.custom_system_prompt))
     image_encoder = models.image_encoder()
     with torch.no_grad():
         for image in images.values():
@@ -270,7 +146,15 @@ def _to(kwargs: dict, device, dtype) -> dict:
     return out
 
 
-def sample_section(args, dit, inputs: PreparedInputs, text_prompt: str, image: SectionImage, shared: dict, noise):
+def sample_section(
+    settings: GenerationSettings,
+    dit,
+    inputs: PreparedInputs,
+    text_prompt: str,
+    image: SectionImage,
+    shared: dict,
+    noise,
+):
     device, dtype = noise.device, dit_dtype(dit)
     shared = _to({"image_embeddings": image.embedding, **shared}, device, dtype)
     positive = _to(inputs.text[text_prompt], device, dtype)
@@ -280,37 +164,39 @@ def sample_section(args, dit, inputs: PreparedInputs, text_prompt: str, image: S
         positive,
         negative,
         shared=shared,
-        embedded_cfg_scale=args.embedded_cfg_scale,
-        guidance_scale=args.guidance_scale,
-        guidance_rescale=args.guidance_rescale,
+        embedded_cfg_scale=settings.embedded_cfg_scale,
+        guidance_scale=settings.guidance_scale,
+        guidance_rescale=settings.guidance_rescale,
         dtype=dtype,
     )
-    use_teacache = args.teacache_thresh is not None
-    if use_teacache and args.guidance_scale != 1.0:
+    use_teacache = settings.teacache_thresh is not None
+    if use_teacache and settings.guidance_scale != 1.0:
         logger.warning("--teacache_thresh is ignored with --guidance_scale != 1 (two model calls per step)")
         use_teacache = False
     if use_teacache:
-        dit.enable_teacache(args.infer_steps, args.teacache_thresh)
+        dit.enable_teacache(settings.infer_steps, settings.teacache_thresh)
     try:
         with torch.no_grad():
-            return sample_flow(model_x0, noise, args.infer_steps, args.sample_solver).cpu()
+            return sample_flow(model_x0, noise, settings.infer_steps, settings.sample_solver).cpu()
     finally:
         if use_teacache:
-            logger.info(f"TeaCache skipped the blocks on {dit.teacache.skipped} of {args.infer_steps} steps")
+            logger.info(f"TeaCache skipped the blocks on {dit.teacache.skipped} of {settings.infer_steps} steps")
             dit.disable_teacache()
 
 
-def generate_latent(args: argparse.Namespace, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
+def generate_latent(settings: GenerationSettings, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
     """Sample every section; returns the time-ordered video latent (1, 16, T, h, w) fp32 on the CPU."""
-    if args.one_frame_inference:
-        return generate_one_frame(args, dit, inputs, seed, device)
-    lws = args.latent_window_size
-    n_sections = S.total_sections(args.video_seconds, lws, args.video_sections)
-    plans = S.plan_sections(n_sections, lws, f1=args.f1, latent_paddings=S.parse_latent_paddings(args.latent_paddings))
+    if settings.one_frame:
+        return generate_one_frame(settings, dit, inputs, seed, device)
+    lws = settings.latent_window_size
+    n_sections = S.total_sections(settings.video_seconds, lws, settings.video_sections)
+    plans = S.plan_sections(
+        n_sections, lws, f1=settings.f1, latent_paddings=S.parse_latent_paddings(settings.latent_paddings)
+    )
     generator = make_generator(seed)
     first = inputs.images[0].latent
-    history = S.new_history(first, f1=args.f1, end_latent=inputs.end_image.latent if inputs.end_image else None)
-    mode = "F1 (forward)" if args.f1 else "inverted anti-drifting"
+    history = S.new_history(first, f1=settings.f1, end_latent=inputs.end_image.latent if inputs.end_image else None)
+    mode = "F1 (forward)" if settings.f1 else "inverted anti-drifting"
     logger.info(f"{n_sections} section(s), {mode}, {S.video_pixel_frames(n_sections, lws)} frames")
     for plan in tqdm(plans, desc="sections", disable=len(plans) == 1):
         image_key = S.select_section_key(inputs.images, plan.section_index, plan.section_index_from_last)
@@ -321,16 +207,16 @@ def generate_latent(args: argparse.Namespace, dit, inputs: PreparedInputs, seed:
             f"padding {plan.latent_padding}, image #{image_key}, prompt #{prompt_key}"
         )
         noise = initial_noise(generator, S.section_frames(lws), inputs.height, inputs.width).to(device)
-        clean = S.clean_latents_from_history(history, image.latent, f1=args.f1)
+        clean = S.clean_latents_from_history(history, image.latent, f1=settings.f1)
         shared = {**plan.indices.batched(1), **clean.as_kwargs()}
-        generated = sample_section(args, dit, inputs, prompt, image, shared, noise)
+        generated = sample_section(settings, dit, inputs, prompt, image, shared, noise)
         history = S.update_history(history, generated, plan, image.latent)
-    return S.video_latent_from_history(history, f1=args.f1)
+    return S.video_latent_from_history(history, f1=settings.f1)
 
 
-def generate_one_frame(args, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
+def generate_one_frame(settings: GenerationSettings, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
     """One-frame inference: one noisy frame at `target_index`, control images as clean latents."""
-    options = S.parse_one_frame_options(args.one_frame_inference)
+    options = S.parse_one_frame_options(settings.one_frame_inference)
     h, w = inputs.height // 8, inputs.width // 8
     controls = []
     for image, mask in zip(inputs.control_images, inputs.control_masks):
@@ -341,10 +227,10 @@ def generate_one_frame(args, dit, inputs: PreparedInputs, seed: int, device) -> 
             latent = latent * torch.from_numpy(latent_mask(mask, (w, h)))[None, None, None]
         controls.append(latent)
     clean = S.one_frame_clean_latents(controls, options, (h, w))
-    indices = S.one_frame_indices(args.latent_window_size, len(controls), options)
+    indices = S.one_frame_indices(settings.latent_window_size, len(controls), options)
     noise = initial_noise(make_generator(seed), 1, inputs.height, inputs.width).to(device)
     shared = {**indices.batched(1), **clean.as_kwargs()}
-    return sample_section(args, dit, inputs, inputs.prompts[0], inputs.images[0], shared, noise)
+    return sample_section(settings, dit, inputs, inputs.prompts[0], inputs.images[0], shared, noise)
 
 
 # ---- decoding and saving -----------------------------------------------------------------------------------------
@@ -378,28 +264,33 @@ def _unique(path: str) -> str:
 
 
 def save_outputs(
-    args, latent: torch.Tensor, seed: int, models: Models, metadata: dict[str, str], source_name: str = ""
+    settings: GenerationSettings,
+    latent: torch.Tensor,
+    seed: int,
+    models: ModelCache,
+    metadata: dict[str, str],
+    source_name: str = "",
 ) -> list[str]:
-    """Write what --output_type asks for, with the reference's names; returns the written paths."""
-    os.makedirs(args.save_path, exist_ok=True)
+    """Write what --output_type asks for, with musubi-tuner's file names; returns the written paths."""
+    s = settings
+    os.makedirs(s.save_path, exist_ok=True)
     time_flag = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{time_flag}_{seed}_" + (f"_{source_name}" if source_name else "")
     written = []
-    if args.output_type in ("latent", "both", "latent_images"):
-        path = _unique(os.path.join(args.save_path, f"{time_flag}_{seed}_latent.safetensors"))
-        written.append(save_latent(latent, path, None if args.no_metadata else metadata))
-    if args.output_type == "latent":
+    if s.output_type in ("latent", "both", "latent_images"):
+        path = _unique(os.path.join(s.save_path, f"{time_flag}_{seed}_latent.safetensors"))
+        written.append(save_latent(latent, path, None if s.no_metadata else metadata))
+    if s.output_type == "latent":
         return written
-    one_frame = bool(args.one_frame_inference)
     with torch.no_grad():
-        pixels = decode_video(models.vae(), latent, args.latent_window_size, args.bulk_decode, one_frame)
+        pixels = decode_video(models.vae(), latent, s.latent_window_size, s.bulk_decode, s.one_frame)
     models.offload_vae()
     frames = to_uint8_frames(pixels)
-    meta = None if args.no_metadata else dict(metadata)
-    if args.output_type in ("video", "both") and not one_frame:
-        written.append(save_video(frames, _unique(os.path.join(args.save_path, f"{name}.mp4")), args.fps, meta))
-    if args.output_type in ("images", "latent_images") or (one_frame and args.output_type in ("video", "both")):
-        folder = args.save_path if one_frame else _unique(os.path.join(args.save_path, name))
+    meta = None if s.no_metadata else dict(metadata)
+    if s.output_type in ("video", "both") and not s.one_frame:
+        written.append(save_video(frames, _unique(os.path.join(s.save_path, f"{name}.mp4")), s.fps, meta))
+    if s.output_type in ("images", "latent_images") or (s.one_frame and s.output_type in ("video", "both")):
+        folder = s.save_path if s.one_frame else _unique(os.path.join(s.save_path, name))
         written += save_images(frames, folder, name, meta)
     for path in written:
         logger.info(f"saved {path}")
@@ -409,20 +300,20 @@ def save_outputs(
 # ---- modes ---------------------------------------------------------------------------------------------------------
 
 
-def run_one(args: argparse.Namespace, models: Models, device: torch.device) -> list[str]:
-    seed = args.seed if args.seed is not None else random.randint(0, SEED_MAX)
+def run_one(settings: GenerationSettings, models: ModelCache, device: torch.device) -> list[str]:
+    seed = settings.seed if settings.seed is not None else random.randint(0, SEED_MAX)
     logger.info(f"seed {seed}")
     start = time.perf_counter()
-    inputs = prepare_inputs(args, models, seed)
+    inputs = prepare_inputs(settings, models, seed)
     dit = models.dit()
-    if args.save_merged_model:
-        return [args.save_merged_model]
-    latent = generate_latent(args, dit, inputs, seed, device)
+    if models.settings.save_merged_model:
+        return [models.settings.save_merged_model]
+    latent = generate_latent(settings, dit, inputs, seed, device)
     models.release_dit()
-    if args.blocks_to_swap > 0 and device.type == "cuda":
-        time.sleep(5)  # let the swap worker threads finish their last transfers, as the reference does
-    meta = latent_metadata(args, seed, inputs.height, inputs.width)
-    written = save_outputs(args, latent, seed, models, meta)
+    if models.settings.blocks_to_swap > 0 and device.type == "cuda":
+        time.sleep(5)  # let the swap worker threads finish their last transfers, as musubi-tuner does
+    meta = latent_metadata(settings, seed, inputs.height, inputs.width)
+    written = save_outputs(settings, latent, seed, models, meta)
     logger.info(f"generated in {time.perf_counter() - start:.1f} s")
     return written
 
@@ -430,36 +321,33 @@ def run_one(args: argparse.Namespace, models: Models, device: torch.device) -> l
 LINE_ERRORS = (PromptLineError, ValueError, FileNotFoundError)
 
 
-def run_line(base: argparse.Namespace, line: str, models: Models, device: torch.device) -> list[str]:
-    """Generate one prompt-file / interactive line with its inline options applied to the base flags."""
-    args = apply_prompt_line(base, parse_prompt_line(line))
-    if not args.image_path:
+def run_line(base: GenerationSettings, line: str, models: ModelCache, device: torch.device) -> list[str]:
+    """Generate one prompt-file / interactive line with its inline options applied to the base settings."""
+    settings = apply_prompt_line(base, parse_prompt_line(line))
+    if not settings.image_path:
         raise PromptLineError("no start image: give --i on the line or --image_path on the command line")
-    models.args = args
-    return run_one(args, models, device)
+    return run_one(settings, models, device)
 
 
-def run_batch(args: argparse.Namespace, device: torch.device) -> int:
+def run_batch(base: GenerationSettings, models: ModelCache, prompt_file: str, device: torch.device) -> int:
     """Every prompt line in turn with models loaded once; a bad line is reported and the others still run."""
-    lines = read_prompt_file(args.from_file)
-    models = Models(args, device, keep=True)
+    lines = read_prompt_file(prompt_file)
     failed = []
     for index, (number, line) in enumerate(lines, start=1):
-        logger.info(f"prompt {index}/{len(lines)} (line {number} of {args.from_file})")
+        logger.info(f"prompt {index}/{len(lines)} (line {number} of {prompt_file})")
         try:
-            run_line(args, line, models, device)
+            run_line(base, line, models, device)
         except LINE_ERRORS as e:
-            logger.error(f"{args.from_file}:{number}: {e}")
+            logger.error(f"{prompt_file}:{number}: {e}")
             failed.append(number)
     if failed:
         logger.error(f"{len(failed)} of {len(lines)} prompts failed (lines {', '.join(map(str, failed))})")
     return 1 if failed else 0
 
 
-def run_interactive(args: argparse.Namespace, device: torch.device, stream=None) -> int:
+def run_interactive(base: GenerationSettings, models: ModelCache, device: torch.device, stream=None) -> int:
     """Read prompt lines (same inline options as prompt files) until end of input; each is generated and saved."""
     stream = stream or sys.stdin
-    models = Models(args, device, keep=True)
     prompt_mark = sys.stdin.isatty()
     while True:
         if prompt_mark:
@@ -475,27 +363,28 @@ def run_interactive(args: argparse.Namespace, device: torch.device, stream=None)
         if not line or line.startswith("#"):
             continue
         try:
-            run_line(args, line, models, device)
+            run_line(base, line, models, device)
         except LINE_ERRORS as e:
             logger.error(f"{e}")
         except KeyboardInterrupt:
             logger.warning("interrupted; enter the next prompt (Ctrl+D to quit)")
 
 
-def run_decode_only(args: argparse.Namespace, device: torch.device) -> int:
-    """--latent_path: decode saved latents (ours or the reference's) with the current --output_type."""
-    models = Models(args, device, keep=True)
-    for path in args.latent_path:
+def run_decode_only(base: GenerationSettings, models: ModelCache, latent_paths: list[str]) -> int:
+    """--latent_path: decode saved latents (ours or musubi-tuner's) with the current --output_type; the window size
+    and one-frame options stored in a file's metadata take precedence."""
+    for path in latent_paths:
         latent, meta = load_latent(path)
         seed = int(meta.get("seeds", 0))
+        settings = base
         if "latent_window_size" in meta:
-            args.latent_window_size = int(meta["latent_window_size"])
-        if "one_frame_inference" in meta and not args.one_frame_inference:
-            args.one_frame_inference = meta["one_frame_inference"]
-        elif latent.shape[1] == 1 and not args.one_frame_inference:
-            args.one_frame_inference = "default"
-        base = os.path.splitext(os.path.basename(path))[0]
-        save_outputs(args, latent[None], seed, models, meta, source_name=base)
+            settings = settings.replace(latent_window_size=int(meta["latent_window_size"]))
+        if "one_frame_inference" in meta and not settings.one_frame:
+            settings = settings.replace(one_frame_inference=meta["one_frame_inference"])
+        elif latent.shape[1] == 1 and not settings.one_frame:
+            settings = settings.replace(one_frame_inference="default")
+        name = os.path.splitext(os.path.basename(path))[0]
+        save_outputs(settings, latent[None], seed, models, meta, source_name=name)
     return 0
 
 
@@ -516,11 +405,14 @@ def main(argv: list[str] | None = None) -> int:
             check_attn_mode(args.attn_mode)
         except AttentionBackendError as e:
             parser.error(str(e))
+    settings = GenerationSettings.from_args(args)
+    keep = bool(args.latent_path or args.from_file or args.interactive)
+    models = ModelCache(ModelSettings.from_args(args), device, keep=keep)
     if args.latent_path:
-        return run_decode_only(args, device)
+        return run_decode_only(settings, models, args.latent_path)
     if args.from_file:
-        return run_batch(args, device)
+        return run_batch(settings, models, args.from_file, device)
     if args.interactive:
-        return run_interactive(args, device)
-    run_one(args, Models(args, device, keep=False), device)
+        return run_interactive(settings, models, device)
+    run_one(settings, models, device)
     return 0

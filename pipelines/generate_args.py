@@ -7,7 +7,6 @@ message names the flag at fault.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 
@@ -15,11 +14,15 @@ from frame_pack.attention import ATTN_MODES
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
 from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
 from hunyuan_model.tokenizers import DEFAULT_TOKENIZER_REPO
+from pipelines.settings import GenerationSettings, ModelSettings
 from utils.cli import HelpFormatter
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
 
 logger = logging.getLogger(__name__)
+
+# The parser takes its defaults from the settings classes, so the flags and the settings built without them agree.
+GEN, MODEL = GenerationSettings(), ModelSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,28 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--video_size",
         type=int,
         nargs=2,
-        default=[256, 256],
+        default=list(GEN.video_size),
         metavar=("HEIGHT", "WIDTH"),
         help="video height and width in pixels (multiples of 16)",
     )
-    gen.add_argument("--video_seconds", type=float, default=5.0, help="video length in seconds")
+    gen.add_argument("--video_seconds", type=float, default=GEN.video_seconds, help="video length in seconds")
     gen.add_argument("--video_sections", type=int, default=None, help="number of sections (overrides --video_seconds)")
-    gen.add_argument("--fps", type=int, default=30, help="frames per second of the output video")
-    gen.add_argument("--infer_steps", type=int, default=25, help="sampling steps per section")
+    gen.add_argument("--fps", type=int, default=GEN.fps, help="frames per second of the output video")
+    gen.add_argument("--infer_steps", type=int, default=GEN.infer_steps, help="sampling steps per section")
     gen.add_argument("--seed", type=int, default=None, help="seed (random and printed when omitted)")
-    gen.add_argument("--latent_window_size", type=int, default=9, help="latent frames generated per section")
-    gen.add_argument("--embedded_cfg_scale", type=float, default=10.0, help="distilled guidance scale")
+    gen.add_argument(
+        "--latent_window_size", type=int, default=GEN.latent_window_size, help="latent frames generated per section"
+    )
+    gen.add_argument(
+        "--embedded_cfg_scale", type=float, default=GEN.embedded_cfg_scale, help="distilled guidance scale"
+    )
     gen.add_argument(
         "--guidance_scale",
         type=float,
-        default=1.0,
+        default=GEN.guidance_scale,
         help="real CFG scale; 1.0 runs one model call per step and ignores the negative prompt",
     )
-    gen.add_argument("--guidance_rescale", type=float, default=0.0, help="CFG rescale factor (0 = off)")
+    gen.add_argument(
+        "--guidance_rescale", type=float, default=GEN.guidance_rescale, help="CFG rescale factor (0 = off)"
+    )
     gen.add_argument(
         "--sample_solver",
         type=str,
-        default="unipc",
+        default=GEN.sample_solver,
         choices=SAMPLE_SOLVERS,
         help="sampler; only unipc is implemented (as in the reference)",
     )
@@ -156,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--control_image_mask_path", type=str, nargs="*", default=None, help="masks for the control images (one-frame)"
     )
-    gen.add_argument("--rope_scaling_factor", type=float, default=0.5, help="RoPE H/W position scale")
+    gen.add_argument(
+        "--rope_scaling_factor", type=float, default=MODEL.rope_scaling_factor, help="RoPE H/W position scale"
+    )
     gen.add_argument(
         "--rope_scaling_timestep_threshold",
         type=int,
@@ -179,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument(
         "--attn_mode",
         type=str,
-        default="torch",
+        default=MODEL.attn_mode,
         choices=[m for m in ATTN_MODES if m != "flash3"],
         help="attention backend",
     )
@@ -194,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument(
         "--blocks_to_swap",
         type=int,
-        default=0,
+        default=MODEL.blocks_to_swap,
         help=f"DiT blocks kept on the CPU (at most {MAX_BLOCKS_TO_SWAP_INFERENCE})",
     )
 
     out = p.add_argument_group("output")
     out.add_argument("--save_path", type=str, default=None, help="output folder (required)")
-    out.add_argument("--output_type", type=str, default="video", choices=OUTPUT_TYPES, help="what to save")
+    out.add_argument("--output_type", type=str, default=GEN.output_type, choices=OUTPUT_TYPES, help="what to save")
     out.add_argument("--no_metadata", action="store_true", help="do not store settings in saved latents and videos")
     out.add_argument(
         "--latent_path", type=str, nargs="*", default=None, help="decode these saved latent files instead of generating"
@@ -298,17 +309,9 @@ def check_video_size(height: int, width: int, where: str) -> None:
             raise ValueError(f"{where}: {name} {v} is not a positive multiple of 16{hint}")
 
 
-def lora_multipliers(args: argparse.Namespace) -> list[float]:
-    """One multiplier per --lora_weight: a single value applies to all (the reference crashed on its default)."""
-    count = len(args.lora_weight or [])
-    mult = args.lora_multiplier
-    mults = [mult] if isinstance(mult, (int, float)) else list(mult or [1.0])
-    return mults * count if len(mults) == 1 else mults
-
-
 # ---- prompt lines ------------------------------------------------------------------------------------------------
 
-# inline option -> (namespace attribute, converter); `ci` and `cim` append.
+# inline option -> (GenerationSettings field, converter); `ci` and `cim` append.
 INLINE_OPTIONS = {
     "w": ("video_size", int),
     "h": ("video_size", int),
@@ -358,39 +361,37 @@ def parse_prompt_line(line: str) -> dict:
     return result
 
 
-def apply_prompt_line(base: argparse.Namespace, parsed: dict) -> argparse.Namespace:
-    """A deep copy of the base flags with the line's overrides applied, validated like the command line."""
-    args = copy.deepcopy(base)
-    args.prompt = parsed["prompt"]
+def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSettings:
+    """The base settings with the line's overrides applied, validated like the command line."""
+    changes: dict = {"prompt": parsed["prompt"]}
+    height, width = base.video_size
     for name, value in parsed.items():
         if name == "prompt":
             continue
         if name == "im":
-            logger.warning("--im (image mask) is accepted but not used, as in the reference")
+            logger.warning("--im (image mask) is accepted but not used, as in musubi-tuner")
             continue
-        attr, _ = INLINE_OPTIONS[name]
         if name == "w":
-            args.video_size = [args.video_size[0], value]
+            width = value
         elif name == "h":
-            args.video_size = [value, args.video_size[1]]
-        elif name in ("ci", "cim"):
-            setattr(args, attr, list(value))
+            height = value
         else:
-            setattr(args, attr, value)
-    check_video_size(args.video_size[0], args.video_size[1], "--w/--h")
+            changes[INLINE_OPTIONS[name][0]] = value
+    settings = base.replace(video_size=(height, width), **changes)
+    check_video_size(height, width, "--w/--h")
     try:
-        check_one_frame_options(args.one_frame_inference, "--of")
-        check_image_spec(args.image_path, "--i")
-        check_image_spec(args.end_image_path, "--ei")
-        for flag, paths in (("--ci", args.control_image_path), ("--cim", args.control_image_mask_path)):
+        check_one_frame_options(settings.one_frame_inference, "--of")
+        check_image_spec(settings.image_path, "--i")
+        check_image_spec(settings.end_image_path, "--ei")
+        for flag, paths in (("--ci", settings.control_image_path), ("--cim", settings.control_image_mask_path)):
             for path in paths or []:
                 check_image_spec(path, flag)
     except ValueError as e:
         raise PromptLineError(str(e)) from None
-    _positive("--s", args.infer_steps)
-    _positive("--f", args.video_seconds)
-    _positive("--vs", args.video_sections)
-    return args
+    _positive("--s", settings.infer_steps)
+    _positive("--f", settings.video_seconds)
+    _positive("--vs", settings.video_sections)
+    return settings
 
 
 def read_prompt_file(path: str) -> list[tuple[int, str]]:

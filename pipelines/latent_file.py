@@ -5,38 +5,43 @@ One tensor under key `latent`, fp32, (16, T, h, w); settings as string metadata 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from safetensors import safe_open
 
 from utils.safetensors_utils import save_safetensors
 
+if TYPE_CHECKING:
+    from pipelines.settings import GenerationSettings
+
 LATENT_KEY = "latent"
 
 
-def latent_metadata(args, seed: int, height: int, width: int) -> dict[str, str]:
+def latent_metadata(settings: GenerationSettings, seed: int, height: int, width: int) -> dict[str, str]:
     """The reference's metadata keys (all strings); `negative_prompt` only when given."""
     meta = {
         "seeds": str(seed),
-        "prompt": str(args.prompt),
+        "prompt": str(settings.prompt),
         "height": str(height),
         "width": str(width),
-        "video_seconds": str(args.video_seconds),
-        "infer_steps": str(args.infer_steps),
-        "guidance_scale": str(args.guidance_scale),
-        "latent_window_size": str(args.latent_window_size),
-        "embedded_cfg_scale": str(args.embedded_cfg_scale),
-        "guidance_rescale": str(args.guidance_rescale),
-        "sample_solver": str(args.sample_solver),
-        "fps": str(args.fps),
+        "video_seconds": str(settings.video_seconds),
+        "infer_steps": str(settings.infer_steps),
+        "guidance_scale": str(settings.guidance_scale),
+        "latent_window_size": str(settings.latent_window_size),
+        "embedded_cfg_scale": str(settings.embedded_cfg_scale),
+        "guidance_rescale": str(settings.guidance_rescale),
+        "sample_solver": str(settings.sample_solver),
+        "fps": str(settings.fps),
     }
-    if args.negative_prompt:
-        meta["negative_prompt"] = str(args.negative_prompt)
+    if settings.negative_prompt:
+        meta["negative_prompt"] = str(settings.negative_prompt)
     # Not in the reference; readers ignore unknown keys.
-    meta["f1"] = str(bool(args.f1))
-    if args.video_sections is not None:
-        meta["video_sections"] = str(args.video_sections)
-    if args.one_frame_inference:
-        meta["one_frame_inference"] = str(args.one_frame_inference)
+    meta["f1"] = str(bool(settings.f1))
+    if settings.video_sections is not None:
+        meta["video_sections"] = str(settings.video_sections)
+    if settings.one_frame_inference:
+        meta["one_frame_inference"] = str(settings.one_frame_inference)
     return meta
 
 

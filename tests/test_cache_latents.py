@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import hunyuan_model.image_encoder
+import hunyuan_model.vae
 import pipelines.cache_latents as cl
 from dataset.image_video_dataset import ItemInfo, load_dataset_group
 from dataset.media import latent_mask
@@ -209,8 +211,8 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(cl, "load_vae", refuse)
-    monkeypatch.setattr(cl, "load_image_encoder", refuse)
+    monkeypatch.setattr(hunyuan_model.vae, "load_vae", refuse)
+    monkeypatch.setattr(hunyuan_model.image_encoder, "load_image_encoder", refuse)
 
 
 def test_missing_image_encoder_is_a_usage_error(tmp_path, capsys):
@@ -346,7 +348,7 @@ def test_skip_existing_redo_and_stale_files(tmp_path, models, videos, inverted, 
 
     cached = []
     monkeypatch.setattr(cl.LatentCacher, "cache", lambda self, item, files: cached.append(item.item_key))
-    monkeypatch.setattr(cl, "load_vae", lambda *a, **k: pytest.fail("all complete: nothing to load"))
+    monkeypatch.setattr(hunyuan_model.vae, "load_vae", lambda *a, **k: pytest.fail("all complete: nothing to load"))
     assert cache(config, models, "--skip_existing") == 0
     assert cached == [] and not stale.exists() and other.exists()
     assert sorted(os.listdir(directory)) == sorted([*all_section_names(), other.name])

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import hunyuan_model.text_encoder as text_encoder_module
+import hunyuan_model.tokenizers as tokenizers_module
 import pipelines.cache_text_encoder_outputs as ct
 from hunyuan_model.text_encoder import encode_prompt_conds, load_text_encoder1, load_text_encoder2
 from hunyuan_model.tokenizers import load_tokenizer1, load_tokenizer2
@@ -114,7 +116,8 @@ def test_rerun_is_bit_identical_and_skip_existing_redoes_only_bad_files(dataset,
     assert read(recaptioned)[1]["caption1"] == "a new caption"
     assert untouched.stat().st_mtime_ns == mtime and stale.exists()
 
-    monkeypatch.setattr(ct, "load_text_encoder1", lambda *a, **k: pytest.fail("all complete: nothing to load"))
+    nothing_to_load = lambda *a, **k: pytest.fail("all complete: nothing to load")  # noqa: E731
+    monkeypatch.setattr(text_encoder_module, "load_text_encoder1", nothing_to_load)
     assert cache(config, encoders, "--skip_existing") == 0
     assert not stale.exists() and untouched.stat().st_mtime_ns == mtime
 
@@ -141,8 +144,8 @@ def test_help_lists_every_reference_flag(capsys):
 @pytest.mark.parametrize(("case", "message"), [("missing_encoder", "no such file"), ("bad_config", "batch_sizes")])
 def test_bad_input_fails_before_any_model_is_loaded(case, message, dataset, encoders, tmp_path, monkeypatch, caplog):
     config, files = dataset
-    monkeypatch.setattr(ct, "load_text_encoder1", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(ct, "load_tokenizer1", lambda *a, **k: pytest.fail("a tokenizer was loaded"))
+    monkeypatch.setattr(text_encoder_module, "load_text_encoder1", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(tokenizers_module, "load_tokenizer1", lambda *a, **k: pytest.fail("a tokenizer was loaded"))
     if case == "bad_config":
         config = str(write_config(tmp_path / "bad.toml", [dict(image_directory=tmp_path, batch_sizes=2)]))
         argv = ["--text_encoder1", str(encoders.llama_comfy)]

@@ -12,6 +12,8 @@ from PIL import Image
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked
 from pipelines import generate as G
 from pipelines.generate_args import build_parser
+from pipelines.models import ModelCache
+from pipelines.settings import GenerationSettings, ModelSettings
 from tests.factory.models import write_all_models
 
 H, W = 32, 48
@@ -42,7 +44,7 @@ def make_args(models, paths, out, *extra):
             "--video_size", str(H), str(W), "--infer_steps", "1", "--seed", "1234", "--save_path", str(out),
             *extra]  # fmt: skip
     args = build_parser().parse_args(argv)
-    return args
+    return GenerationSettings.from_args(args), ModelSettings.from_args(args)
 
 
 def capture_calls(monkeypatch):
@@ -59,8 +61,9 @@ def capture_calls(monkeypatch):
 
 def one_call(models, paths, out, monkeypatch, *extra):
     calls = capture_calls(monkeypatch)
-    args = make_args(models, paths, out, "--output_type", "latent_images", *extra)
-    assert G.run_one(args, G.Models(args, torch.device("cpu"), keep=False), torch.device("cpu"))
+    settings, model_settings = make_args(models, paths, out, "--output_type", "latent_images", *extra)
+    cpu = torch.device("cpu")
+    assert G.run_one(settings, ModelCache(model_settings, cpu, keep=False), cpu)
     assert len(calls) == 1
     return calls[0]
 
@@ -132,10 +135,11 @@ def test_1f_mc_layout(setup, tmp_path, monkeypatch):
 
 def test_every_option_combination_runs_with_and_without_masks(setup, tmp_path):
     models, paths, _ = setup
-    base = make_args(models, paths, tmp_path, "--control_image_path", paths["start"], paths["reference"],
-                     "--control_image_mask_path", paths["mask"], "--one_frame_inference", "default")  # fmt: skip
+    base, model_settings = make_args(models, paths, tmp_path, "--control_image_path", paths["start"],
+                                     paths["reference"], "--control_image_mask_path", paths["mask"],
+                                     "--one_frame_inference", "default")  # fmt: skip
     device = torch.device("cpu")
-    m = G.Models(base, device, keep=True)
+    m = ModelCache(model_settings, device, keep=True)
     dit = m.dit()
     with_masks = G.prepare_inputs(base, m, seed=5)
     without = copy.copy(with_masks)
@@ -143,8 +147,7 @@ def test_every_option_combination_runs_with_and_without_masks(setup, tmp_path):
     seen = set()
     for flags in itertools.product([False, True], repeat=3):
         tokens = [t for t, on in zip(("no_2x", "no_4x", "no_post"), flags) if on] or ["default"]
-        args = copy.deepcopy(base)
-        args.one_frame_inference = ",".join(tokens)
+        args = base.replace(one_frame_inference=",".join(tokens))
         for inputs in (with_masks, without):
             latent = G.generate_latent(args, dit, inputs, 5, device)
             assert latent.shape == (1, 16, 1, H // 8, W // 8) and torch.isfinite(latent).all()

@@ -26,9 +26,11 @@ import torch
 
 from dataset.cache_paths import section_count
 from pipelines import generate as G
-from pipelines.generate_args import build_parser as build_generation_parser
 from pipelines.generate_args import check_video_size
+from pipelines.models import ModelCache
+from pipelines.settings import GenerationSettings, ModelSettings
 from training.rng import preserved_rng
+from utils.device import clean_memory
 from utils.video_io import save_images, save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,8 @@ DEFAULT_FRAME_COUNT = 1
 DEFAULT_DISTILLED_GUIDANCE = 10.0  # FramePack's default embedded guidance for samples
 SAMPLE_FPS = 24
 SAMPLE_FOLDER = "sample"
-# Training flags that sampling passes on to the generation code unchanged.
-SHARED_FLAGS = (
+# Training flags that name the models sampling loads (the DiT is the one being trained).
+MODEL_FLAGS = (
     "vae",
     "text_encoder1",
     "text_encoder2",
@@ -51,9 +53,6 @@ SHARED_FLAGS = (
     "fp8_llm",
     "vae_chunk_size",
     "vae_spatial_tile_sample_min_size",
-    "latent_window_size",
-    "f1",
-    "bulk_decode",
 )
 
 # Inline options of a prompt line: option -> (key, converter). `ci` appends.
@@ -143,36 +142,43 @@ def should_sample(args: argparse.Namespace, steps: int, epoch: int | None) -> bo
 @dataclass
 class PreparedSample:
     enum: int
-    seed: int | None
-    args: argparse.Namespace  # the generation flags of this prompt
+    settings: GenerationSettings
     inputs: G.PreparedInputs
 
 
-def generation_args(args: argparse.Namespace, prompt: dict) -> argparse.Namespace | None:
-    """The fpack_generate_video.py flags of one training prompt; None (with a warning) when it yields no video."""
+def sample_model_settings(args: argparse.Namespace) -> ModelSettings:
+    """The encoders and VAE sampling loads, from the training flags of the same names."""
+    return ModelSettings(**{flag: getattr(args, flag) for flag in MODEL_FLAGS})
+
+
+def generation_settings(args: argparse.Namespace, prompt: dict) -> GenerationSettings | None:
+    """The generation settings of one training prompt; None (with a warning) when it yields no video."""
     where = f"sample prompt {prompt['enum']}"
-    gen = build_generation_parser().parse_args([])
-    for key in SHARED_FLAGS:
-        setattr(gen, key, getattr(args, key))
-    gen.prompt = prompt.get("prompt", "")
-    gen.negative_prompt = prompt.get("negative_prompt")
     height, width = prompt.get("height", DEFAULT_SIZE), prompt.get("width", DEFAULT_SIZE)
     check_video_size(height, width, where)
-    gen.video_size = [height, width]
-    gen.infer_steps = prompt.get("sample_steps", DEFAULT_STEPS)
-    gen.embedded_cfg_scale = prompt.get("guidance_scale", DEFAULT_DISTILLED_GUIDANCE)
-    gen.guidance_scale = prompt.get("cfg_scale") or 1.0
-    gen.seed = prompt.get("seed")
-    gen.image_path = prompt.get("image_path")
-    if not gen.image_path:
+    image_path = prompt.get("image_path")
+    if not image_path:
         raise ValueError(f"{where} has no start image (--i path): FramePack samples need one")
-    gen.control_image_path = list(prompt.get("control_image_path") or []) or None
-    for path in [gen.image_path, *(gen.control_image_path or [])]:
+    control_image_path = tuple(prompt.get("control_image_path") or ()) or None
+    for path in [image_path, *(control_image_path or ())]:
         if not os.path.exists(path):
             raise ValueError(f"{where}: image {path} not found")
+    settings = GenerationSettings(
+        prompt=prompt.get("prompt", ""),
+        negative_prompt=prompt.get("negative_prompt"),
+        video_size=(height, width),
+        infer_steps=prompt.get("sample_steps", DEFAULT_STEPS),
+        embedded_cfg_scale=prompt.get("guidance_scale", DEFAULT_DISTILLED_GUIDANCE),
+        guidance_scale=prompt.get("cfg_scale") or 1.0,
+        seed=prompt.get("seed"),
+        image_path=image_path,
+        control_image_path=control_image_path,
+        latent_window_size=args.latent_window_size,
+        f1=args.f1,
+        bulk_decode=args.bulk_decode,
+    )
     if args.one_frame:
-        gen.one_frame_inference = prompt.get("one_frame") or "default"
-        return gen
+        return settings.replace(one_frame_inference=prompt.get("one_frame") or "default")
     frames = (prompt.get("frame_count", DEFAULT_FRAME_COUNT) - 1) // 4 * 4 + 1
     sections = section_count(frames, args.latent_window_size)
     if sections < 1:
@@ -181,8 +187,7 @@ def generation_args(args: argparse.Namespace, prompt: dict) -> argparse.Namespac
             f"(give --f {args.latent_window_size * 4 + 1} or more, or train with --one_frame); it is skipped"
         )
         return None
-    gen.video_sections = sections
-    return gen
+    return settings.replace(video_sections=sections)
 
 
 class SampleGenerator:
@@ -191,15 +196,14 @@ class SampleGenerator:
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device = args, device
         prompts = load_prompts(args.sample_prompts)
-        prepared = [(p, generation_args(args, p)) for p in prompts]
-        prepared = [(p, gen) for p, gen in prepared if gen is not None]
+        prepared = [(p, generation_settings(args, p)) for p in prompts]
+        prepared = [(p, settings) for p, settings in prepared if settings is not None]
         self.samples: list[PreparedSample] = []
-        self.models = G.Models(prepared[0][1] if prepared else args, device, keep=True)
+        self.models = ModelCache(sample_model_settings(args), device, keep=True)
         with preserved_rng(), torch.no_grad():
-            for prompt, gen in prepared:
-                self.models.args = gen
-                inputs = G.prepare_inputs(gen, self.models, gen.seed or 0)
-                self.samples.append(PreparedSample(prompt["enum"], gen.seed, gen, inputs))
+            for prompt, settings in prepared:
+                inputs = G.prepare_inputs(settings, self.models, settings.seed or 0)
+                self.samples.append(PreparedSample(prompt["enum"], settings, inputs))
         self.models.keep = False
         self.models.release_encoders()
         logger.info(f"{len(self.samples)} sample prompt(s) prepared")
@@ -215,23 +219,23 @@ class SampleGenerator:
                     written += self._one(dit, sample, epoch, steps)
         finally:
             network.train(was_training)
-            G.clean_memory(self.device)
+            clean_memory(self.device)
         return written
 
     def _one(self, dit, sample: PreparedSample, epoch: int | None, steps: int) -> list[str]:
-        args, gen = self.args, sample.args
-        seed = sample.seed if sample.seed is not None else int.from_bytes(os.urandom(4), "little")
-        logger.info(f"sample {sample.enum}: {gen.prompt!r}, seed {seed}, {gen.video_size[1]}x{gen.video_size[0]}")
-        latent = G.generate_latent(gen, dit, sample.inputs, seed, self.device)
-        one_frame = bool(gen.one_frame_inference)
-        pixels = G.decode_video(self.models.vae(), latent, gen.latent_window_size, gen.bulk_decode, one_frame)
+        args, settings = self.args, sample.settings
+        seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
+        logger.info(f"sample {sample.enum}: {settings.prompt!r}, seed {seed}, {settings.width}x{settings.height}")
+        latent = G.generate_latent(settings, dit, sample.inputs, seed, self.device)
+        vae = self.models.vae()
+        pixels = G.decode_video(vae, latent, settings.latent_window_size, settings.bulk_decode, settings.one_frame)
         self.models.offload_vae()
         frames = to_uint8_frames(pixels)
         folder = os.path.join(args.output_dir, SAMPLE_FOLDER)
         os.makedirs(folder, exist_ok=True)
         number = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"
         prefix = f"{args.output_name}_" if args.output_name else ""
-        suffix = f"_{sample.seed}" if sample.seed is not None else ""
+        suffix = f"_{settings.seed}" if settings.seed is not None else ""
         base = f"{prefix}{number}_{sample.enum:02d}_{time.strftime('%Y%m%d%H%M%S', time.localtime())}{suffix}"
         if len(frames) == 1:
             return save_images(frames, folder, base)

@@ -1,0 +1,172 @@
+"""The models a pipeline uses, each loaded when first needed: one cache shared by generation and both caching
+pipelines.
+
+With `keep` (batch and interactive generation, sampling during training, caching) a loaded model stays loaded and
+only moves to the CPU between uses; without it each is dropped as soon as its work is done, as musubi-tuner's
+one-shot generation does, so peak memory holds one stage's models at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipelines.settings import ModelSettings
+from utils.device import clean_memory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextEncoders:
+    """LLaMA (1) and CLIP-L (2) with their tokenizers."""
+
+    tokenizer1: Any
+    text_encoder1: torch.nn.Module
+    tokenizer2: Any
+    text_encoder2: torch.nn.Module
+
+    def encode(self, prompt: str, custom_system_prompt: str | None = None):
+        """(llama_vec (1, 512, hidden), llama_attention_mask (1, 512), clip_l_pooler (1, hidden)) of one prompt."""
+        from hunyuan_model.text_encoder import encode_prompt_conds
+
+        return encode_prompt_conds(
+            prompt, self.text_encoder1, self.text_encoder2, self.tokenizer1, self.tokenizer2, custom_system_prompt
+        )
+
+    def to(self, device) -> TextEncoders:
+        self.text_encoder1.to(device)
+        self.text_encoder2.to(device)
+        return self
+
+
+class ModelCache:
+    """Text encoders, image encoder, VAE and DiT of one `ModelSettings`, loaded on first use and placed on `device`
+    whenever asked for. `image_encoder_dtype` casts SigLIP after loading (the latent cache stores float16)."""
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        device: torch.device,
+        keep: bool,
+        image_encoder_dtype: torch.dtype | None = None,
+    ):
+        self.settings, self.device, self.keep = settings, device, keep
+        self.image_encoder_dtype = image_encoder_dtype
+        self._text_encoders: TextEncoders | None = None
+        self._image_encoder = None
+        self._vae = None
+        self._dit = None
+
+    def text_encoders(self) -> TextEncoders:
+        if self._text_encoders is None:
+            from hunyuan_model.text_encoder import load_text_encoder1, load_text_encoder2
+            from hunyuan_model.tokenizers import load_tokenizer1, load_tokenizer2
+
+            s = self.settings
+            self._text_encoders = TextEncoders(
+                tokenizer1=load_tokenizer1(s.tokenizer1, s.text_encoder1),
+                text_encoder1=load_text_encoder1(s.text_encoder1, self.device, fp8_llm=s.fp8_llm).eval(),
+                tokenizer2=load_tokenizer2(s.tokenizer2, s.text_encoder2),
+                text_encoder2=load_text_encoder2(s.text_encoder2, self.device).eval(),
+            )
+        return self._text_encoders.to(self.device)
+
+    def image_encoder(self):
+        if self._image_encoder is None:
+            from hunyuan_model.image_encoder import load_image_encoder
+
+            encoder = load_image_encoder(self.settings.image_encoder, self.device)
+            if self.image_encoder_dtype is not None:
+                encoder = encoder.to(dtype=self.image_encoder_dtype)
+            self._image_encoder = encoder.eval().requires_grad_(False)
+        return self._image_encoder.to(self.device)
+
+    def vae(self):
+        if self._vae is None:
+            from hunyuan_model.vae import compute_dtype, load_vae
+
+            s = self.settings
+            logger.info(f"Loading VAE from {s.vae}")
+            self._vae = load_vae(
+                s.vae,
+                "cpu",
+                dtype=compute_dtype(self.device),
+                chunk_size=s.vae_chunk_size,
+                spatial_tile_sample_min_size=s.vae_spatial_tile_sample_min_size,
+            )
+        return self._vae.to(self.device)
+
+    def dit(self):
+        if self._dit is None:
+            self._dit = load_dit(self.settings, self.device)
+        elif self._dit.block_swap is None:
+            self._dit.to(self.device)
+        return self._dit
+
+    def release_encoders(self) -> None:
+        """After encoding: text and image encoders leave the device (kept on the CPU with `keep`)."""
+        if self.keep:
+            if self._text_encoders is not None:
+                self._text_encoders.to("cpu")
+            if self._image_encoder is not None:
+                self._image_encoder.to("cpu")
+        else:
+            self._text_encoders = self._image_encoder = None
+        clean_memory(self.device)
+
+    def offload_vae(self) -> None:
+        if self._vae is not None:
+            self._vae.to("cpu")
+        clean_memory(self.device)
+
+    def release_dit(self) -> None:
+        if self.keep and self._dit is not None and self._dit.block_swap is None:
+            self._dit.to("cpu")
+        elif not self.keep:
+            self._dit = None
+        clean_memory(self.device)
+
+
+def load_dit(settings: ModelSettings, device: torch.device):
+    """Load, merge LoRAs, optionally save the merged model, quantize, place on the device."""
+    from frame_pack.dit_loader import load_packed_model
+    from frame_pack.fp8 import apply_fp8
+
+    s = settings
+    quantized = s.fp8 or s.fp8_scaled
+    on_device = s.blocks_to_swap == 0 and not quantized and not s.lora_weight
+    model = load_packed_model(s.dit, device if on_device else "cpu", attn_mode=s.attn_mode)
+    if s.lora_weight:
+        from networks.lora_merge import merge_lora_files
+
+        merge_lora_files(
+            model,
+            list(s.lora_weight),
+            list(s.lora_multiplier),
+            include_patterns=s.include_patterns,
+            exclude_patterns=s.exclude_patterns,
+            device=device,
+            lycoris=s.lycoris,
+        )
+        if s.save_merged_model:
+            from networks.lora_merge import save_merged_model
+
+            save_merged_model(model, s.save_merged_model)
+            logger.info(f"merged DiT saved to {s.save_merged_model}")
+            return model
+    if quantized:
+        apply_fp8(model, scaled=s.fp8_scaled, device=device, keep_on_device=s.blocks_to_swap == 0)
+    model.enable_rope_scaling(s.rope_scaling_timestep_threshold, s.rope_scaling_factor)
+    if s.blocks_to_swap > 0:
+        model.enable_block_swap(s.blocks_to_swap, device)
+    model.move_to_device_except_swap_blocks(device)
+    return model.eval().requires_grad_(False)
+
+
+def dit_dtype(model) -> torch.dtype:
+    """The dtype activations run in: the checkpoint's dtype (fp8 keeps it for non-quantized layers)."""
+    return model.x_embedder.proj.weight.dtype
