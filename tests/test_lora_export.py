@@ -47,15 +47,23 @@ def our_merge(path, multiplier=1.0, dtype=torch.float32):
     return model.state_dict()
 
 
-def diffusers_fuse(path, lora_scale=1.0, dit_state_dict=None) -> dict:
-    """diffusers' FramePack LoRA loader on diffusers' FramePack transformer, fused."""
-    from diffusers import HunyuanVideoFramepackPipeline, HunyuanVideoFramepackTransformer3DModel
+def diffusers_transformer(dit_state_dict=None):
+    """diffusers' FramePack transformer with the tiny config and the tiny DiT's weights (same key layout)."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     config = {k: v for k, v in diffusers_config(CONFIG).items() if k != "_class_name"}
     with torch.device("meta"):
         transformer = HunyuanVideoFramepackTransformer3DModel(**config)
     weights = dit_state_dict if dit_state_dict is not None else tiny_dit_state_dict(0, CONFIG, dtype=torch.float32)
     transformer.load_state_dict(weights, assign=True)
+    return transformer
+
+
+def diffusers_fuse(path, lora_scale=1.0, dit_state_dict=None) -> dict:
+    """diffusers' FramePack LoRA loader on diffusers' FramePack transformer, fused."""
+    from diffusers import HunyuanVideoFramepackPipeline
+
+    transformer = diffusers_transformer(dit_state_dict)
     state_dict, metadata = HunyuanVideoFramepackPipeline.lora_state_dict(path, return_lora_metadata=True)
     HunyuanVideoFramepackPipeline.load_lora_into_transformer(state_dict, transformer=transformer, metadata=metadata)
     transformer.fuse_lora(lora_scale=lora_scale)
@@ -153,6 +161,26 @@ def test_no_fold_alpha_writes_the_header_only_form(tmp_path):
         {"single_transformer_blocks.1.proj_out": 8.0},
     )
     assert len(config["transformer.target_modules"]) == 34
+
+
+def test_a_lora_written_by_diffusers_merges_like_the_original(tmp_path):
+    """diffusers' own save_lora_weights output (PEFT keys, LoraConfig in the header) is read at its strength."""
+    from diffusers import HunyuanVideoFramepackPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    src = write(tmp_path, "ours.safetensors", mixed_lora())
+    exported = export(tmp_path, src, "h.safetensors", "--no_fold_alpha")
+    transformer = diffusers_transformer()
+    state_dict, metadata = HunyuanVideoFramepackPipeline.lora_state_dict(exported, return_lora_metadata=True)
+    HunyuanVideoFramepackPipeline.load_lora_into_transformer(state_dict, transformer=transformer, metadata=metadata)
+    (adapter,) = transformer.peft_config
+    HunyuanVideoFramepackPipeline.save_lora_weights(
+        tmp_path / "by_diffusers",
+        transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter),
+        transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict(),
+    )
+    written = str(tmp_path / "by_diffusers" / "pytorch_lora_weights.safetensors")
+    assert max_abs_diff(our_merge(written), our_merge(src)) == 0.0
 
 
 # ---- round trips --------------------------------------------------------------------------------------------------
