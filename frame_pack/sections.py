@@ -21,6 +21,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -81,6 +82,12 @@ def pixel_frames_for_latents(latent_frames: int) -> int:
 def video_pixel_frames(sections: int, latent_window_size: int) -> int:
     """Pixel frames of a finished video: 4*lws*N + 1 (145 for 4 sections of 9)."""
     return pixel_frames_for_latents(video_latent_frames(sections, latent_window_size))
+
+
+def section_start_seconds(section_index: int, latent_window_size: int, fps: int) -> Fraction:
+    """When section k starts in the finished video: after k sections of 4*lws new pixel frames (k * 1.2 s at lws 9,
+    30 fps). Exact, so a time written as "2.4s" compares equal to the start of section 2."""
+    return Fraction(video_pixel_frames(section_index, latent_window_size) - START_FRAMES, fps)
 
 
 def sections_in_latent(latent_frames: int, latent_window_size: int) -> int:
@@ -318,6 +325,26 @@ def update_history(
 def video_latent_from_history(history: torch.Tensor, *, f1: bool) -> torch.Tensor:
     """The time-ordered video latent inside a history buffer (drops the 19 context frames and the end slot)."""
     return history[:, :, HISTORY_FRAMES:] if f1 else history[:, :, :-HISTORY_FRAMES]
+
+
+class ImageHistory:
+    """The history of a generation from a start image: ``new_history``, then per section
+    ``clean_latents_from_history`` and ``update_history``. Extensions of a video (``frame_pack.extend``) have the
+    same three methods, so the sampling loop does not care which one it drives."""
+
+    def __init__(self, start_latent: torch.Tensor, *, f1: bool, end_latent: torch.Tensor | None = None):
+        self.f1 = f1
+        self.history = new_history(start_latent, f1=f1, end_latent=end_latent)
+
+    def section_inputs(self, plan: SectionPlan, start_latent: torch.Tensor) -> tuple[SectionIndices, CleanLatents]:
+        """(indices, clean latents) of ``plan``'s DiT call; ``start_latent`` is this section's start image."""
+        return plan.indices, clean_latents_from_history(self.history, start_latent, f1=self.f1)
+
+    def add(self, plan: SectionPlan, generated: torch.Tensor, start_latent: torch.Tensor) -> None:
+        self.history = update_history(self.history, generated, plan, start_latent)
+
+    def video_latent(self) -> torch.Tensor:
+        return video_latent_from_history(self.history, f1=self.f1)
 
 
 def history_for_section(

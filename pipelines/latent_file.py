@@ -53,17 +53,18 @@ def save_latent(latent: torch.Tensor, path: str, metadata: dict[str, str] | None
     return path
 
 
-def load_latent(path: str) -> tuple[torch.Tensor, dict[str, str]]:
-    """-> ((16, T, h, w) tensor, metadata). Accepts the reference's 4-D and 5-D files and torch.save files."""
+def load_latent(path: str, flag: str = "--latent_path") -> tuple[torch.Tensor, dict[str, str]]:
+    """-> ((16, T, h, w) tensor, metadata). Accepts the reference's 4-D and 5-D files and torch.save files; errors
+    name ``flag`` and the file."""
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:
             if LATENT_KEY not in f.keys():
-                raise ValueError(f"--latent_path {path}: no tensor named '{LATENT_KEY}' (keys: {list(f.keys())[:5]})")
+                raise ValueError(f"{flag} {path}: no tensor named '{LATENT_KEY}' (keys: {list(f.keys())[:5]})")
             latent, metadata = f.get_tensor(LATENT_KEY), f.metadata() or {}
     else:
         latent, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
     if latent.dim() == 5:
         latent = latent.squeeze(0)
     if latent.dim() != 4 or latent.shape[0] != 16:
-        raise ValueError(f"--latent_path {path}: expected a (16, T, h, w) latent, got {tuple(latent.shape)}")
+        raise ValueError(f"{flag} {path}: expected a (16, T, h, w) latent, got {tuple(latent.shape)}")
     return latent, metadata
