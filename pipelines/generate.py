@@ -3,6 +3,7 @@
 One generation: encode the section prompts (LLaMA + CLIP) and images (SigLIP + VAE), then sample the sections in
 generation order (inverted anti-drifting: video end first; F1: video start first), then decode and save.
 Random draws follow the reference: one CPU generator seeded with the seed, one noise draw per section.
+With --extend_video the sections continue an existing video (``frame_pack.extend``) instead of a start image.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from tqdm.auto import tqdm
 from dataset.buckets import resize_image_to_bucket
 from dataset.media import load_image
 from frame_pack import sections as S
+from frame_pack.extend import F1Extension, OriginalExtension, noise_draws_to_skip, resolve_context_frames
 from frame_pack.sampling import flow_match_x0_model, initial_noise, make_generator, sample_flow
+from frame_pack.timed_prompts import blend_schedule, blend_text_conditioning, is_timed_prompt, section_prompts
+from pipelines.extend_input import ExtendSource, ExtendVideoError, frames_to_pixels, read_extend_source
 from pipelines.generate_args import (
     PromptLineError,
     apply_prompt_line,
@@ -57,13 +61,14 @@ class SectionImage:
 class PreparedInputs:
     height: int
     width: int
-    prompts: dict[int, str]
+    prompts: list[str]  # per section in time order (one entry in one-frame mode)
     text: dict[str, dict[str, torch.Tensor]]  # prompt -> DiT text kwargs (CPU)
     negative: dict[str, torch.Tensor] | None
     images: dict[int, SectionImage]
     end_image: SectionImage | None = None
     control_images: list[SectionImage] = field(default_factory=list)
     control_masks: list[np.ndarray | None] = field(default_factory=list)
+    extend_latent: torch.Tensor | None = None  # (1, 16, T_in, h, w) fp32: the video --extend_video continues
 
 
 def read_section_image(path: str, height: int, width: int) -> SectionImage:
@@ -76,7 +81,7 @@ def read_section_image(path: str, height: int, width: int) -> SectionImage:
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, 1, H, W) in [-1, 1]: x / 127.5 - 1."""
-    return (torch.from_numpy(pixels).float() / 127.5 - 1.0).permute(2, 0, 1)[None, :, None]
+    return frames_to_pixels(pixels[None])
 
 
 def read_mask(path: str, height: int, width: int) -> np.ndarray:
@@ -88,17 +93,48 @@ def text_kwargs(llama_vec, llama_mask, clip_pooler) -> dict[str, torch.Tensor]:
     return {"encoder_hidden_states": llama_vec, "encoder_attention_mask": llama_mask, "pooled_projections": clip_pooler}
 
 
-def prepare_inputs(settings: GenerationSettings, models: ModelCache, seed: int) -> PreparedInputs:
+def generation_sections(settings: GenerationSettings) -> int:
+    """Sections to sample (with --extend_video: the new part only)."""
+    return S.total_sections(settings.video_seconds, settings.latent_window_size, settings.video_sections)
+
+
+def prompts_by_section(settings: GenerationSettings) -> list[str]:
+    """Each section's prompt in time order; one-frame mode uses section 0's prompt only."""
+    if settings.one_frame and not is_timed_prompt(settings.prompt):
+        return [S.parse_section_spec(settings.prompt)[0]]
+    sections = 1 if settings.one_frame else generation_sections(settings)
+    return section_prompts(settings.prompt, sections, settings.latent_window_size, settings.fps)
+
+
+def extension_first_frame(source: ExtendSource, models: ModelCache) -> SectionImage:
+    """The input's first frame as pixels, for the SigLIP conditioning when no --image_path is given (a latent input
+    decodes its first latent frame, which the causal VAE decodes on its own)."""
+    if source.frames is not None:
+        return SectionImage(source.frames[0], None)
+    from hunyuan_model.vae import decode_latents
+
+    with torch.no_grad():
+        pixels = decode_latents(models.vae(), source.latent[:, :, :1])[0].cpu()
+    models.offload_vae()
+    return SectionImage(to_uint8_frames(pixels)[0], None)
+
+
+def prepare_inputs(
+    settings: GenerationSettings, models: ModelCache, seed: int, source: ExtendSource | None = None
+) -> PreparedInputs:
     from hunyuan_model.image_encoder import encode_image
     from hunyuan_model.vae import encode_pixels
 
     height, width = settings.video_size
     one_frame = settings.one_frame
-    image_paths = S.parse_section_spec(settings.image_path)
-    prompts = S.parse_section_spec(settings.prompt)
-    if one_frame:  # one-frame mode uses section 0's prompt and image only
-        image_paths, prompts = {0: image_paths[0]}, {0: prompts[0]}
-    images = {i: read_section_image(p, height, width) for i, p in image_paths.items()}
+    prompts = prompts_by_section(settings)
+    if settings.image_path:
+        image_paths = S.parse_section_spec(settings.image_path)
+        if one_frame:  # one-frame mode uses section 0's image only
+            image_paths = {0: image_paths[0]}
+        images = {i: read_section_image(p, height, width) for i, p in image_paths.items()}
+    else:  # an extension without --image_path: SigLIP sees the input's first frame
+        images = {0: extension_first_frame(source, models)}
     end_image = None
     if settings.end_image_path and not settings.f1 and not one_frame:
         end_image = read_section_image(settings.end_image_path, height, width)
@@ -111,7 +147,7 @@ def prepare_inputs(settings: GenerationSettings, models: ModelCache, seed: int) 
 
     encoders = models.text_encoders()
     text = {}
-    for prompt in dict.fromkeys(prompts.values()):
+    for prompt in dict.fromkeys(prompts):
         logger.info(f"encoding prompt: {prompt!r}")
         text[prompt] = text_kwargs(*encoders.encode(prompt, settings.custom_system_prompt))
     negative = None
@@ -125,10 +161,18 @@ def prepare_inputs(settings: GenerationSettings, models: ModelCache, seed: int) 
 
     vae = models.vae()
     generator = torch.Generator(device=vae.device if vae.device.type == "cuda" else "cpu").manual_seed(seed)
-    for image in [*images.values(), *([end_image] if end_image else []), *controls]:
+    # An extension starts from the input's latents, so its section images only give SigLIP conditioning.
+    start_images = [] if source is not None else list(images.values())
+    for image in [*start_images, *([end_image] if end_image else []), *controls]:
         image.latent = encode_pixels(vae, pixels_to_tensor(image.pixels), generator).float().cpu()
+    extend_latent = None
+    if source is not None:
+        extend_latent = source.latent
+        if extend_latent is None:
+            logger.info(f"VAE-encoding {len(source.frames)} frames of {source.path}")
+            extend_latent = encode_pixels(vae, frames_to_pixels(source.frames), generator).float().cpu()
     models.offload_vae()
-    return PreparedInputs(height, width, prompts, text, negative, images, end_image, controls, masks)
+    return PreparedInputs(height, width, prompts, text, negative, images, end_image, controls, masks, extend_latent)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------------
@@ -150,14 +194,15 @@ def sample_section(
     settings: GenerationSettings,
     dit,
     inputs: PreparedInputs,
-    text_prompt: str,
+    text: dict[str, torch.Tensor],
     image: SectionImage,
     shared: dict,
     noise,
 ):
+    """Sample one DiT section; ``text`` is the positive text conditioning (one prompt's, or a blend)."""
     device, dtype = noise.device, dit_dtype(dit)
     shared = _to({"image_embeddings": image.embedding, **shared}, device, dtype)
-    positive = _to(inputs.text[text_prompt], device, dtype)
+    positive = _to(text, device, dtype)
     negative = _to(inputs.negative, device, dtype) if inputs.negative is not None else None
     model_x0 = flow_match_x0_model(
         dit,
@@ -189,29 +234,55 @@ def generate_latent(settings: GenerationSettings, dit, inputs: PreparedInputs, s
     if settings.one_frame:
         return generate_one_frame(settings, dit, inputs, seed, device)
     lws = settings.latent_window_size
-    n_sections = S.total_sections(settings.video_seconds, lws, settings.video_sections)
+    n_sections = generation_sections(settings)
     plans = S.plan_sections(
         n_sections, lws, f1=settings.f1, latent_paddings=S.parse_latent_paddings(settings.latent_paddings)
     )
     generator = make_generator(seed)
-    first = inputs.images[0].latent
-    history = S.new_history(first, f1=settings.f1, end_latent=inputs.end_image.latent if inputs.end_image else None)
+    context = section_context(settings, inputs)
     mode = "F1 (forward)" if settings.f1 else "inverted anti-drifting"
-    logger.info(f"{n_sections} section(s), {mode}, {S.video_pixel_frames(n_sections, lws)} frames")
+    if inputs.extend_latent is not None:
+        input_frames = inputs.extend_latent.shape[2]
+        skipped = noise_draws_to_skip(input_frames, lws)
+        for _ in range(skipped):  # the seed's stream continues where a generation of the input's sections left it
+            initial_noise(generator, S.section_frames(lws), inputs.height, inputs.width)
+        logger.info(
+            f"extending {input_frames} latent frames by {n_sections} section(s), {mode}; "
+            f"{skipped} noise draw(s) skipped"
+        )
+    else:
+        logger.info(f"{n_sections} section(s), {mode}, {S.video_pixel_frames(n_sections, lws)} frames")
+    texts = blend_schedule(inputs.prompts, settings.prompt_blend_sections)
     for plan in tqdm(plans, desc="sections", disable=len(plans) == 1):
         image_key = S.select_section_key(inputs.images, plan.section_index, plan.section_index_from_last)
-        prompt_key = S.select_section_key(inputs.prompts, plan.section_index, plan.section_index_from_last)
-        image, prompt = inputs.images[image_key], inputs.prompts[prompt_key]
+        image, section_text = inputs.images[image_key], texts[plan.section_index]
+        text = inputs.text[section_text.target]
+        if section_text.blended:
+            previous = inputs.text[section_text.previous]
+            text = blend_text_conditioning(previous, text, section_text.weight)
+        blend = f" ({section_text.weight:.2f} of it, blended from {section_text.previous!r})"
         logger.info(
             f"section {plan.generation_step + 1}/{n_sections}: video section {plan.section_index}, "
-            f"padding {plan.latent_padding}, image #{image_key}, prompt #{prompt_key}"
+            f"padding {plan.latent_padding}, image #{image_key}, prompt {section_text.target[:60]!r}"
+            + (blend if section_text.blended else "")
         )
         noise = initial_noise(generator, S.section_frames(lws), inputs.height, inputs.width).to(device)
-        clean = S.clean_latents_from_history(history, image.latent, f1=settings.f1)
-        shared = {**plan.indices.batched(1), **clean.as_kwargs()}
-        generated = sample_section(settings, dit, inputs, prompt, image, shared, noise)
-        history = S.update_history(history, generated, plan, image.latent)
-    return S.video_latent_from_history(history, f1=settings.f1)
+        indices, clean = context.section_inputs(plan, image.latent)
+        shared = {**indices.batched(1), **clean.as_kwargs()}
+        generated = sample_section(settings, dit, inputs, text, image, shared, noise)
+        context.add(plan, generated, image.latent)
+    return context.video_latent()
+
+
+def section_context(settings: GenerationSettings, inputs: PreparedInputs):
+    """What the sections are conditioned on: the start image's history, or the video being extended."""
+    end_latent = inputs.end_image.latent if inputs.end_image else None
+    if inputs.extend_latent is None:
+        return S.ImageHistory(inputs.images[0].latent, f1=settings.f1, end_latent=end_latent)
+    context_frames = resolve_context_frames(settings.extend_context_frames, settings.f1)
+    if settings.f1:
+        return F1Extension(inputs.extend_latent, context_frames)
+    return OriginalExtension(inputs.extend_latent, settings.latent_window_size, context_frames, end_latent)
 
 
 def generate_one_frame(settings: GenerationSettings, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
@@ -230,7 +301,7 @@ def generate_one_frame(settings: GenerationSettings, dit, inputs: PreparedInputs
     indices = S.one_frame_indices(settings.latent_window_size, len(controls), options)
     noise = initial_noise(make_generator(seed), 1, inputs.height, inputs.width).to(device)
     shared = {**indices.batched(1), **clean.as_kwargs()}
-    return sample_section(settings, dit, inputs, inputs.prompts[0], inputs.images[0], shared, noise)
+    return sample_section(settings, dit, inputs, inputs.text[inputs.prompts[0]], inputs.images[0], shared, noise)
 
 
 # ---- decoding and saving -----------------------------------------------------------------------------------------
@@ -304,7 +375,10 @@ def run_one(settings: GenerationSettings, models: ModelCache, device: torch.devi
     seed = settings.seed if settings.seed is not None else random.randint(0, SEED_MAX)
     logger.info(f"seed {seed}")
     start = time.perf_counter()
-    inputs = prepare_inputs(settings, models, seed)
+    source = None
+    if settings.extend_video:  # read and checked before any model loads
+        source = read_extend_source(settings.extend_video, settings.height, settings.width, settings.fps)
+    inputs = prepare_inputs(settings, models, seed, source)
     dit = models.dit()
     if models.settings.save_merged_model:
         return [models.settings.save_merged_model]
@@ -313,6 +387,10 @@ def run_one(settings: GenerationSettings, models: ModelCache, device: torch.devi
     if models.settings.blocks_to_swap > 0 and device.type == "cuda":
         time.sleep(5)  # let the swap worker threads finish their last transfers, as musubi-tuner does
     meta = latent_metadata(settings, seed, inputs.height, inputs.width)
+    if source is not None:
+        meta["extend_video"] = source.path
+        meta["extend_video_latent_frames"] = str(inputs.extend_latent.shape[2])
+        meta["extend_context_frames"] = str(resolve_context_frames(settings.extend_context_frames, settings.f1))
     written = save_outputs(settings, latent, seed, models, meta)
     logger.info(f"generated in {time.perf_counter() - start:.1f} s")
     return written
@@ -324,8 +402,8 @@ LINE_ERRORS = (PromptLineError, ValueError, FileNotFoundError)
 def run_line(base: GenerationSettings, line: str, models: ModelCache, device: torch.device) -> list[str]:
     """Generate one prompt-file / interactive line with its inline options applied to the base settings."""
     settings = apply_prompt_line(base, parse_prompt_line(line))
-    if not settings.image_path:
-        raise PromptLineError("no start image: give --i on the line or --image_path on the command line")
+    if not (settings.image_path or settings.extend_video):
+        raise PromptLineError("no start image: give --i (or --ev) on the line or --image_path on the command line")
     return run_one(settings, models, device)
 
 
@@ -414,5 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_batch(settings, models, args.from_file, device)
     if args.interactive:
         return run_interactive(settings, models, device)
-    run_one(settings, models, device)
+    try:
+        run_one(settings, models, device)
+    except ExtendVideoError as e:  # found when the whole video is read, still before any model loads
+        parser.error(str(e))
     return 0

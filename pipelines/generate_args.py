@@ -12,8 +12,12 @@ import os
 
 from frame_pack.attention import ATTN_MODES
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
+from frame_pack.extend import F1_CONTEXT_FRAMES, ORIGINAL_CONTEXT_FRAMES, resolve_context_frames
 from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
+from frame_pack.sections import total_sections
+from frame_pack.timed_prompts import TimedPromptError, is_timed_prompt, section_prompts
 from hunyuan_model.tokenizers import DEFAULT_TOKENIZER_REPO
+from pipelines.extend_input import check_extend_video
 from pipelines.settings import GenerationSettings, ModelSettings
 from utils.cli import HelpFormatter
 
@@ -35,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  --w width  --h height  --f video_seconds  --d seed  --s infer_steps  --g/--l guidance_scale\n"
             "  --i image_path  --im image mask (accepted, unused as in the reference)  --n negative_prompt\n"
             "  --vs video_sections  --ei end_image_path  --ci control image (repeatable)\n"
-            "  --cim control image mask (repeatable)  --of one_frame_inference options"
+            "  --cim control image mask (repeatable)  --of one_frame_inference options  --ev extend_video"
         ),
     )
     models = p.add_argument_group("models")
@@ -104,7 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt",
         type=str,
         default=None,
-        help='prompt; per-section prompts as "0:text;;;-1:text" (indices, negatives, ranges S-E)',
+        help='prompt; per-section prompts as "0:text;;;-1:text" (indices, negatives, ranges S-E), or by time as '
+        '"[0s: text] [2s: text] [3.5s-5s: text]": section k starts at k*4*latent_window_size/fps seconds (1.2 s at '
+        "9 and 30 fps) in the finished video, whatever the generation order; [Ts: ...] applies to the sections "
+        "starting at or after T and before the next token, [As-Bs: ...] to those starting in [A, B); text outside "
+        "the brackets covers the sections no token covers; times compare at the nearest frame",
+    )
+    gen.add_argument(
+        "--prompt_blend_sections",
+        type=int,
+        default=GEN.prompt_blend_sections,
+        help="at each prompt change, move the text embeddings linearly to the new prompt over N sections "
+        "(weights 1/N .. 1; FramePack-Studio's blend_sections); 0 or 1 switches at once",
     )
     gen.add_argument(
         "--negative_prompt", type=str, default=None, help="negative prompt (used when guidance_scale != 1)"
@@ -175,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply RoPE scaling while the timestep is at or above this value (off when omitted)",
     )
 
+    ext = p.add_argument_group("extending a video")
+    ext.add_argument(
+        "--extend_video",
+        type=str,
+        default=GEN.extend_video,
+        help="continue this video: an mp4 (resized and centre-cropped to --video_size, VAE-encoded; its last 1+4k "
+        "frames) or a latent saved by this tool or musubi-tuner. The output is the input followed by the new "
+        "frames; --video_seconds/--video_sections, section prompts and images count the new part; --image_path is "
+        "optional (SigLIP conditioning, default: the input's first frame); --end_image_path targets the last new "
+        "section (original model)",
+    )
+    ext.add_argument(
+        "--extend_context_frames",
+        type=int,
+        default=GEN.extend_context_frames,
+        help=f"input latent frames that feed the context. F1: the last N frames stay visible to the 4x/2x/1x clean "
+        f"latents ({F1_CONTEXT_FRAMES[0]}..{F1_CONTEXT_FRAMES[1]}, default {F1_CONTEXT_FRAMES[2]}: all F1 sees). "
+        f"Original model: FramePack-Studio's num_cleaned_frames ({ORIGINAL_CONTEXT_FRAMES[0]}.."
+        f"{ORIGINAL_CONTEXT_FRAMES[1]}, default {ORIGINAL_CONTEXT_FRAMES[2]}). None = the model's default",
+    )
+
     mem = p.add_argument_group("memory and speed")
     mem.add_argument("--fp8", action="store_true", help="store the DiT block weights in fp8")
     mem.add_argument("--fp8_scaled", action="store_true", help="fp8 with a per-tensor scale (better quality)")
@@ -241,7 +277,7 @@ def validate_args(args: argparse.Namespace) -> None:
         for flag in ("dit", "text_encoder1", "text_encoder2", "image_encoder"):
             if getattr(args, flag) is None:
                 raise ValueError(f"--{flag} is required for generation")
-        if args.prompt and not args.from_file and not args.interactive and not args.image_path:
+        if args.prompt and not args.from_file and not args.interactive and not (args.image_path or args.extend_video):
             raise ValueError("--image_path is required: FramePack generates video from a start image")
     if args.vae is None and not (args.output_type == "latent" and not decode_only):
         raise ValueError(f"--vae is required (for encoding images and for --output_type {args.output_type})")
@@ -271,8 +307,12 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--lora_multiplier: give one value for all or one per LoRA ({len(args.lora_weight)}), got {len(mults)}"
             )
+    _positive("--prompt_blend_sections", args.prompt_blend_sections, allow_zero=True)
     for flag in ("image_path", "end_image_path", "from_file"):
         check_image_spec(getattr(args, flag), f"--{flag}")
+    settings = GenerationSettings.from_args(args)
+    check_prompt_times(settings, "--prompt")
+    check_extension(settings, "--extend_video")
     for flag in ("control_image_path", "control_image_mask_path", "latent_path", "lora_weight"):
         for value in getattr(args, flag) or []:
             if not os.path.exists(value):
@@ -289,6 +329,33 @@ def check_image_spec(value: str | None, flag: str) -> None:
     for path in paths:
         if not os.path.exists(path):
             raise ValueError(f"{flag} {path}: file not found")
+
+
+def check_prompt_times(settings: GenerationSettings, flag: str) -> None:
+    """A timed prompt must place every token on a section of this video (errors name the token)."""
+    if not (settings.prompt and is_timed_prompt(settings.prompt)):
+        return
+    lws = settings.latent_window_size
+    sections = 1 if settings.one_frame else total_sections(settings.video_seconds, lws, settings.video_sections)
+    try:
+        section_prompts(settings.prompt, sections, lws, settings.fps)
+    except TimedPromptError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def check_extension(settings: GenerationSettings, flag: str) -> None:
+    """--extend_video: the file is readable and fits --video_size; the context size fits the model."""
+    if not settings.extend_video:
+        if settings.extend_context_frames is not None:
+            raise ValueError("--extend_context_frames needs --extend_video")
+        return
+    if settings.one_frame:
+        raise ValueError(f"{flag} cannot be combined with --one_frame_inference")
+    try:
+        resolve_context_frames(settings.extend_context_frames, settings.f1)
+    except ValueError as e:
+        raise ValueError(f"--extend_context_frames: {e}") from None
+    check_extend_video(settings.extend_video, settings.height, settings.width, flag)
 
 
 def check_one_frame_options(value: str | None, flag: str) -> None:
@@ -328,6 +395,7 @@ INLINE_OPTIONS = {
     "ci": ("control_image_path", str),
     "cim": ("control_image_mask_path", str),
     "of": ("one_frame_inference", str),
+    "ev": ("extend_video", str),
 }
 
 
@@ -386,6 +454,8 @@ def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSetti
         for flag, paths in (("--ci", settings.control_image_path), ("--cim", settings.control_image_mask_path)):
             for path in paths or []:
                 check_image_spec(path, flag)
+        check_prompt_times(settings, "prompt")
+        check_extension(settings, "--ev")
     except ValueError as e:
         raise PromptLineError(str(e)) from None
     _positive("--s", settings.infer_steps)

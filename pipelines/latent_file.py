@@ -42,6 +42,8 @@ def latent_metadata(settings: GenerationSettings, seed: int, height: int, width:
         meta["video_sections"] = str(settings.video_sections)
     if settings.one_frame_inference:
         meta["one_frame_inference"] = str(settings.one_frame_inference)
+    if settings.prompt_blend_sections:
+        meta["prompt_blend_sections"] = str(settings.prompt_blend_sections)
     return meta
 
 

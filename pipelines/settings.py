@@ -49,6 +49,9 @@ class GenerationSettings:
     save_path: str | None = None
     output_type: str = "video"
     no_metadata: bool = False
+    prompt_blend_sections: int = 0  # sections over which text embeddings move to the next prompt (0: switch at once)
+    extend_video: str | None = None  # mp4 or saved latent to continue
+    extend_context_frames: int | None = None  # None: the model's default (frame_pack.extend)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GenerationSettings:
