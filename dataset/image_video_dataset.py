@@ -3,7 +3,8 @@
 Caching: `retrieve_latent_cache_batches` yields bucket-grouped `ItemInfo` batches with resized content, and
 `retrieve_text_encoder_output_cache_batches` yields caption batches; the caching scripts encode and save them.
 Training: `prepare_for_training` discovers the cache files, groups them into buckets, and each dataset index is
-then one whole batch of stacked cached tensors. The order is reshuffled every epoch from `seed + epoch`.
+then one whole batch of stacked cached tensors. The order is reshuffled every epoch from `seed + epoch`
+(`BaseDataset.arrangement`); `training.data` decides which arrangement each batch of an epoch is read from.
 
 `BucketSelector` and `resize_image_to_bucket` (defined in `dataset.buckets`) are importable from here too, where
 musubi-tuner keeps them.
@@ -118,12 +119,29 @@ def batch_content_key(tensor_key: str) -> str:
     return key
 
 
+def load_batch(items: list[ItemInfo]) -> dict[str, Any]:
+    """Latent and text caches of one batch, merged, grouped by `batch_content_key` and stacked on dim 0; the latent
+    cache files under `latent_cache_paths` (which items the batch holds)."""
+    grouped: dict[str, list[torch.Tensor]] = {}
+    varlen: set[str] = set()
+    for item in items:
+        tensors = {**load_file(item.latent_cache_path), **load_file(item.text_encoder_output_cache_path)}
+        for key, tensor in tensors.items():
+            content_key = batch_content_key(key.removeprefix("varlen_"))
+            if key.startswith("varlen_"):
+                varlen.add(content_key)
+            grouped.setdefault(content_key, []).append(tensor)
+    batch: dict[str, Any] = {key: values if key in varlen else torch.stack(values) for key, values in grouped.items()}
+    batch["latent_cache_paths"] = [item.latent_cache_path for item in items]
+    return batch
+
+
 class BucketBatchManager:
     """Training batches: bucket keys sorted, each bucket cut into ceil(len / batch_size) batches."""
 
     def __init__(self, buckets: dict[tuple, list[ItemInfo]], batch_size: int):
         self.batch_size = batch_size
-        self.buckets = buckets
+        self.buckets = buckets  # insertion order: the order the buckets first appear in the cache listing
         self.bucket_keys = sorted(buckets)
         self.batch_indices = [
             (key, i) for key in self.bucket_keys for i in range(math.ceil(len(buckets[key]) / batch_size))
@@ -134,10 +152,15 @@ class BucketBatchManager:
             logger.info(f"bucket: {key}, count: {len(self.buckets[key])}")
         logger.info(f"total batches: {len(self)}")
 
+    def copy(self) -> BucketBatchManager:
+        other = BucketBatchManager({key: list(items) for key, items in self.buckets.items()}, self.batch_size)
+        other.batch_indices = list(self.batch_indices)
+        return other
+
     def shuffle(self, rng: random.Random) -> None:
-        """Shuffle the items inside every bucket (in sorted key order), then the batch order."""
-        for key in self.bucket_keys:
-            rng.shuffle(self.buckets[key])
+        """Shuffle the items inside every bucket (in insertion order, as musubi-tuner), then the batch order."""
+        for items in self.buckets.values():
+            rng.shuffle(items)
         rng.shuffle(self.batch_indices)
 
     def __len__(self) -> int:
@@ -147,18 +170,8 @@ class BucketBatchManager:
         key, number = self.batch_indices[index]
         return self.buckets[key][number * self.batch_size : (number + 1) * self.batch_size]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Latent and text caches of one batch, merged, grouped by `batch_content_key` and stacked on dim 0."""
-        grouped: dict[str, list[torch.Tensor]] = {}
-        varlen: set[str] = set()
-        for item in self.batch_items(index):
-            tensors = {**load_file(item.latent_cache_path), **load_file(item.text_encoder_output_cache_path)}
-            for key, tensor in tensors.items():
-                content_key = batch_content_key(key.removeprefix("varlen_"))
-                if key.startswith("varlen_"):
-                    varlen.add(content_key)
-                grouped.setdefault(content_key, []).append(tensor)
-        return {key: values if key in varlen else torch.stack(values) for key, values in grouped.items()}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return load_batch(self.batch_items(index))
 
 
 class BaseDataset(torch.utils.data.Dataset):
@@ -177,10 +190,10 @@ class BaseDataset(torch.utils.data.Dataset):
         self.fp_latent_window_size = params.fp_latent_window_size
         self.control_directory = params.control_directory
         self.seed: int | None = None
-        self.current_epoch = 0
-        self.current_step = 0
         self.max_train_steps = 0
-        self.batch_manager: BucketBatchManager | None = None
+        self.batch_manager: BucketBatchManager | None = None  # the unshuffled arrangement (epoch 0)
+        self._arrangements: dict[int, BucketBatchManager] = {}  # the latest shuffled ones, by epoch
+        self.items_by_path: dict[str, ItemInfo] = {}
         self.num_train_items = 0
         self._datasource: Datasource | None = None
 
@@ -266,41 +279,44 @@ class BaseDataset(torch.utils.data.Dataset):
                 text_encoder_output_cache_path=text_path,
             )
             buckets.setdefault(key, []).extend([item] * self.num_repeats)
+            self.items_by_path[path] = item
         self.batch_manager = BucketBatchManager(buckets, self.batch_size)
+        self._arrangements = {}
         self.batch_manager.show_bucket_info()
         self.num_train_items = sum(len(b) for b in buckets.values())
 
     def set_seed(self, seed: int) -> None:
         self.seed = seed
 
-    def set_current_epoch(self, epoch: int) -> None:
-        """Advance one epoch at a time, reshuffling for each; the first shuffle happens at epoch 1."""
-        if epoch > self.current_epoch:
-            logger.info(f"epoch is incremented. current_epoch: {self.current_epoch}, epoch: {epoch}")
-            while self.current_epoch < epoch:
-                self.current_epoch += 1
-                self.shuffle_buckets()
-        elif epoch < self.current_epoch:
-            logger.warning(f"epoch is not incremented. current_epoch: {self.current_epoch}, epoch: {epoch}")
-            self.current_epoch = epoch
-
-    def set_current_step(self, step: int) -> None:
-        self.current_step = step
-
     def set_max_train_steps(self, max_train_steps: int) -> None:
         self.max_train_steps = max_train_steps
 
-    def shuffle_buckets(self) -> None:
-        """Shuffle with `random.Random(seed + epoch)`: the orders of the reference's reseeded global `random`,
-        without touching the global generator."""
+    def arrangement(self, epoch: int) -> BucketBatchManager:
+        """The batches of `epoch`: the unshuffled arrangement shuffled once per epoch 1..epoch, each time with
+        `random.Random(seed + that epoch)` (musubi-tuner's reseeded global `random`, without touching the global
+        generator). Epoch 0 is the unshuffled arrangement."""
+        if epoch == 0:
+            return self.batch_manager
         if self.seed is None:
             raise RuntimeError("set_seed must be called before shuffling")
-        self.batch_manager.shuffle(random.Random(self.seed + self.current_epoch))
+        if epoch not in self._arrangements:
+            start = max((e for e in self._arrangements if e < epoch), default=0)
+            manager = (self._arrangements[start] if start else self.batch_manager).copy()
+            for e in range(start + 1, epoch + 1):
+                manager.shuffle(random.Random(self.seed + e))
+            self._arrangements = {e: m for e, m in self._arrangements.items() if e > epoch - 2}
+            self._arrangements[epoch] = manager
+        return self._arrangements[epoch]
+
+    def load_batch(self, latent_cache_paths: list[str]) -> dict[str, Any]:
+        """The batch of these latent cache files (named by `arrangement(...).batch_items`)."""
+        return load_batch([self.items_by_path[path] for path in latent_cache_paths])
 
     def __len__(self) -> int:
         return UNPREPARED_LENGTH if self.batch_manager is None else len(self.batch_manager)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """A batch of the unshuffled arrangement; training reads batches through `arrangement` and `load_batch`."""
         return self.batch_manager[index]
 
     def get_metadata(self) -> dict:
@@ -527,37 +543,9 @@ class DatasetGroup(torch.utils.data.ConcatDataset):
         self.datasets: list[ImageDataset | VideoDataset] = datasets
         self.num_train_items = sum(d.num_train_items for d in datasets)
 
-    def set_current_epoch(self, epoch: int) -> None:
-        for dataset in self.datasets:
-            dataset.set_current_epoch(epoch)
-
-    def set_current_step(self, step: int) -> None:
-        for dataset in self.datasets:
-            dataset.set_current_step(step)
-
     def set_max_train_steps(self, max_train_steps: int) -> None:
         for dataset in self.datasets:
             dataset.set_max_train_steps(max_train_steps)
-
-
-class BatchCollator:
-    """DataLoader `collate_fn` (batch size 1): pushes the shared epoch and step into the dataset, returns the batch.
-
-    `epoch` and `step` are shared integers (e.g. `multiprocessing.Value("i", 0)`); in a worker process the worker's
-    own dataset copy is updated, so every worker reshuffles with the same seed.
-    """
-
-    def __init__(self, epoch: Any, step: Any, dataset: DatasetGroup):
-        self.epoch = epoch
-        self.step = step
-        self.dataset = dataset
-
-    def __call__(self, examples: list) -> Any:
-        worker_info = torch.utils.data.get_worker_info()
-        dataset = worker_info.dataset if worker_info is not None else self.dataset
-        dataset.set_current_epoch(self.epoch.value)
-        dataset.set_current_step(self.step.value)
-        return examples[0]
 
 
 def make_dataset(params: DatasetParams) -> ImageDataset | VideoDataset:

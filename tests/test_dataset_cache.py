@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import random
 
 import pytest
@@ -13,7 +12,6 @@ from dataset import cache_paths as cp
 from dataset.config import ImageDatasetParams, VideoDatasetParams, load_dataset_params
 from dataset.image_video_dataset import (
     UNPREPARED_LENGTH,
-    BatchCollator,
     ImageDataset,
     ItemInfo,
     VideoDataset,
@@ -165,8 +163,9 @@ def test_batch_assembly_stacks_every_key(video_cache):
     assert batch["clip_l_pooler"].shape == (2, CLIP_HIDDEN)
 
 
-def _order(dataset):
-    return [[i.latent_cache_path for i in dataset.batch_manager.batch_items(b)] for b in range(len(dataset))]
+def _order(dataset, epoch=0):
+    arrangement = dataset.arrangement(epoch)
+    return [[i.latent_cache_path for i in arrangement.batch_items(b)] for b in range(len(dataset))]
 
 
 def test_shuffle_is_seeded_reproducible_and_leaves_global_random_alone(video_cache):
@@ -177,28 +176,27 @@ def test_shuffle_is_seeded_reproducible_and_leaves_global_random_alone(video_cac
     unshuffled = _order(first)
     random.seed(7)
     state = random.getstate()
-    first.set_current_epoch(1)
-    second.set_current_epoch(1)
-    other.set_current_epoch(1)
+    epoch1 = _order(first, 1)
     assert random.getstate() == state
-    assert _order(first) == _order(second) != unshuffled
-    assert _order(other) != _order(first)
+    assert epoch1 == _order(second, 1) != unshuffled
+    assert _order(other, 1) != epoch1
+    assert _order(first) == unshuffled  # arrangements are copies: the unshuffled one stays
 
-    # the reference's draws: reseed with seed + epoch, shuffle each bucket (sorted key order), then the batch list
+    # the reference's draws: reseed with seed + epoch, shuffle each bucket (in the order the buckets first appear
+    # in the cache listing), then the batch list; every epoch shuffles the previous epoch's arrangement
     expected = _video_dataset(video_cache, batch_size=2)
     expected.prepare_for_training()
-    rng = random.Random(1234 + 1)
-    for key in sorted(expected.batch_manager.buckets):
-        rng.shuffle(expected.batch_manager.buckets[key])
-    rng.shuffle(expected.batch_manager.batch_indices)
-    assert _order(expected) == _order(first)
-
-    epoch1 = _order(first)
-    first.set_current_epoch(3)  # advances through epochs 2 and 3, one shuffle each
-    second.set_current_epoch(2)
-    second.set_current_epoch(3)
-    assert _order(first) == _order(second) != epoch1
-    assert first.current_epoch == 3
+    manager = expected.batch_manager
+    assert list(manager.buckets) != sorted(manager.buckets)  # so the bucket order matters here
+    for epoch in (1, 2, 3):
+        rng = random.Random(1234 + epoch)
+        for key in manager.buckets:
+            rng.shuffle(manager.buckets[key])
+        rng.shuffle(manager.batch_indices)
+        assert [[i.latent_cache_path for i in manager.batch_items(b)] for b in range(len(manager))] == _order(
+            first, epoch
+        )
+    assert _order(second, 3) == _order(first, 3) != epoch1  # straight to epoch 3 or through 1 and 2: the same
 
 
 def test_image_cache_discovery_bucket_keys(tmp_path):
@@ -225,12 +223,6 @@ def test_group_seed_collator_and_metadata(video_cache, tmp_path):
     dataset = group.datasets[0]
     assert dataset.seed == random.Random(5).randint(0, 2**31)
     assert group.num_train_items == dataset.num_train_items == 8 and len(group) == 8
-
-    epoch, step = multiprocessing.Value("i", 1), multiprocessing.Value("i", 5)
-    collate = BatchCollator(epoch, step, group)
-    before = _order(dataset)
-    assert collate(["batch"]) == "batch"
-    assert (dataset.current_epoch, dataset.current_step) == (1, 5) and _order(dataset) != before
 
     metadata = dataset.get_metadata()
     assert metadata == {

@@ -339,17 +339,6 @@ def test_resume_from_a_saved_state_ends_with_the_same_lora(models, pair, tmp_pat
     assert not all(torch.equal(a[k], other_seed[k]) for k in a)
 
 
-def test_weights_do_not_depend_on_the_data_loader_worker_count(models, pair, tmp_path):
-    """Batches are fetched with their own epoch's shuffle, so worker processes see what the main process sees."""
-    inline = train(models, pair, tmp_path / "inline", "--max_train_epochs", "2")
-    workers = train(models, pair, tmp_path / "workers", "--max_train_epochs", "2", "--max_data_loader_n_workers", "2")
-    a, b = load_file(inline / "lora.safetensors"), load_file(workers / "lora.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    with safe_open(workers / "lora.safetensors", "pt") as f:
-        meta = f.metadata()
-    assert (meta["ss_max_train_steps"], meta["ss_num_epochs"], meta["ss_num_batches_per_epoch"]) == ("4", "2", "2")
-
-
 def test_saves_are_named_and_pruned_like_the_reference(models, pair, tmp_path):
     flags = "--save_every_n_steps 1 --save_last_n_steps 2 --save_every_n_epochs 1 --save_last_n_epochs 1 "
     flags += "--save_state --save_last_n_steps_state 1"

@@ -175,7 +175,7 @@ class TrainerState:
     epoch: int = 0  # 1-based number of the epoch in progress (or just finished); 0 before training
     steps_in_epoch: int = 0  # batches this process has consumed in that epoch
     epoch_finished: bool = False  # its end-of-epoch saves and samples are done too
-    epoch_order: list[int] = field(default_factory=list)  # the epoch's permutation of dataset indices
+    epoch_order: list = field(default_factory=list)  # the epoch's batches: [dataset index, latent cache files]
     sampler_generator_state: list[int] | None = None  # accelerate's synchronized sampler generator (multi-process)
     losses: list[float] = field(default_factory=list)  # the loss recorder's window
 

@@ -234,11 +234,10 @@ class Trainer:
         if output_name is None:
             output_name = os.path.splitext(os.path.basename(flags.dataset_config))[0]
             logger.info(f"--output_name not given: saving as {output_name}")
-        loader, self.sampler, self.shared_epoch, self.shared_step = build_dataloader(
-            group, flags.max_data_loader_n_workers, flags.persistent_data_loader_workers
-        )
-
         self.accelerator = acc = create_accelerator(flags)
+        loader, self.sampler = build_dataloader(
+            group, flags.max_data_loader_n_workers, flags.persistent_data_loader_workers, acc.num_processes
+        )
         max_train_steps = flags.max_train_steps
         if flags.max_train_epochs is not None:
             per_epoch = math.ceil(len(loader) / acc.num_processes / flags.gradient_accumulation_steps)
@@ -330,7 +329,7 @@ class Trainer:
         if state is None:
             logger.warning(f"{folder} has no {C.TRAINER_STATE_FILE} (not saved by this trainer): starting at step 0")
             return C.TrainerState()
-        if state.steps_in_epoch and len(state.epoch_order) != len(self.sampler.data_source):
+        if state.steps_in_epoch and not self.sampler.knows(state.epoch_order):
             logger.warning("the dataset changed since the state was saved: the interrupted epoch starts over")
             state.steps_in_epoch, state.epoch_finished = 0, False
         if state.sampler_generator_state is not None and self.sampler.generator is not None:
@@ -462,7 +461,6 @@ class Trainer:
     def epoch_start(self, epoch: int, global_step: int) -> tuple:
         """(batches, batches already consumed) of an epoch; a resumed epoch continues where its state was saved."""
         state, acc = self.state, self.accelerator
-        self.shared_epoch.value = epoch
         self.sampler.epoch = epoch
         self.network_module.on_epoch_start(self.dit)
         if not self.resumes_in(epoch):
@@ -514,7 +512,6 @@ class Trainer:
             batches, steps_in_epoch = self.epoch_start(epoch, global_step)
             for batch in batches:
                 start = time.perf_counter()
-                self.shared_step.value = global_step
                 loss, max_norm = self.step(batch)
                 seconds = time.perf_counter() - start
                 recorder.add(epoch0, steps_in_epoch, loss)
