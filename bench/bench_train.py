@@ -4,7 +4,8 @@ Each variant runs the real trainer in a fresh subprocess on a random-weight DiT 
 the chosen size, so its peak memory is its own (CUDA: max_memory_allocated; CPU: peak resident set size). Step time
 is the median of the logged `time/step_seconds` after the first (warm-up) step. The first variant is the baseline.
 
-    python bench/bench_train.py                       # tiny model on the CPU: plain, checkpointing, fp8_scaled
+    python bench/bench_train.py                       # tiny model on the CPU: plain, checkpointing (also with
+                                                      # activations offloaded to the CPU), fp8_scaled
     python bench/bench_train.py --width 3072 --double 20 --single 40 --text_dim 4096 --height 640 --width_px 640 \
         --blocks_to_swap 20                           # the full model on a GPU (adds a block-swap variant)
 """
@@ -136,6 +137,7 @@ def main() -> None:
     variants = [
         ("bf16", []),
         ("grad checkpointing", ["--gradient_checkpointing"]),
+        ("ckpt + cpu offload", ["--gradient_checkpointing", "--gradient_checkpointing_cpu_offload"]),
         ("fp8_scaled", ["--fp8_base", "--fp8_scaled"]),
     ]
     if args.blocks_to_swap:

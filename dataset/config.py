@@ -1,7 +1,9 @@
 """Dataset config files (TOML or JSON): strict validation and per-dataset parameter resolution.
 
-A config has an optional `[general]` table and an array of `[[datasets]]` tables. An entry with `video_directory`
-or `video_jsonl_file` is a video dataset, one with `image_directory` or `image_jsonl_file` an image dataset.
+A config has an optional `[general]` table, an array of `[[datasets]]` tables and optionally an array of
+`[[validation_datasets]]` tables (the same schema; cached like the others, used by training only for the
+validation loss). An entry with `video_directory` or `video_jsonl_file` is a video dataset, one with
+`image_directory` or `image_jsonl_file` an image dataset.
 Each parameter is taken from the first place that sets it (not None): the entry, `[general]`, the calling
 script's parsed command line (attributes of the same name, e.g. the cache scripts' `--batch_size`), the default.
 
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import toml
@@ -146,7 +148,8 @@ VIDEO_KEYS: dict[str, Callable[[Any], Any]] = {
     "source_fps": _positive_float,
     "fp_latent_window_size": _int(1),
 }
-TOP_LEVEL_KEYS = ("general", "datasets")
+TRAINING_TABLE, VALIDATION_TABLE = "datasets", "validation_datasets"
+TOP_LEVEL_KEYS = ("general", TRAINING_TABLE, VALIDATION_TABLE)
 
 
 @dataclass
@@ -160,6 +163,17 @@ class BaseDatasetParams:
     cache_directory: str | None = None
     debug_dataset: bool = False
     fp_latent_window_size: int = 9
+    # where the entry is in the config file (not config keys): its array of tables and 0-based position there
+    table: str = field(default=TRAINING_TABLE, compare=False, repr=False, metadata={"config": False})
+    position: int = field(default=0, compare=False, repr=False, metadata={"config": False})
+
+    @property
+    def label(self) -> str:
+        return entry_label(self.position, self.table)
+
+    @property
+    def is_validation(self) -> bool:
+        return self.table == VALIDATION_TABLE
 
 
 @dataclass
@@ -234,9 +248,9 @@ def _validate_table(table: Any, schema: Mapping, where: str, file: str | None, e
     return checked
 
 
-def entry_label(index: int) -> str:
-    """Human label of the index-th (0-based) dataset entry: `[[datasets]] #1` is the first."""
-    return f"[[datasets]] #{index + 1}"
+def entry_label(index: int, table: str = TRAINING_TABLE) -> str:
+    """Human label of the index-th (0-based) entry of a table array: `[[datasets]] #1` is the first."""
+    return f"[[{table}]] #{index + 1}"
 
 
 def validate_user_config(config: Any, file: str | None = None) -> dict:
@@ -249,26 +263,29 @@ def validate_user_config(config: Any, file: str | None = None) -> dict:
             hint = f"; did you mean '{close[0]}'?" if close else "; only [general] and [[datasets]] are allowed"
             raise DatasetConfigError("unknown top-level key" + hint, file, key=key)
     general = _validate_table(config.get("general", {}), GENERAL_KEYS, "general", file, "[general]")
-    datasets = config.get("datasets", [])
-    if not isinstance(datasets, list):
-        raise DatasetConfigError(f"expected an array of tables, got {_type_name(datasets)}", file, key="datasets")
-    if not datasets:
-        raise DatasetConfigError("no [[datasets]] entries", file)
-    checked = []
-    for index, entry in enumerate(datasets):
-        label = entry_label(index)
-        kind = _entry_kind(entry) if isinstance(entry, dict) else "image"
-        schema = VIDEO_KEYS if kind == "video" else IMAGE_KEYS
-        entry = _validate_table(entry, schema, kind, file, label)
-        sources = [k for k in (f"{kind}_directory", f"{kind}_jsonl_file") if k in entry]
-        if not sources:
-            raise DatasetConfigError(
-                "needs one of image_directory, image_jsonl_file, video_directory, video_jsonl_file", file, label
-            )
-        if len(sources) == 2:
-            raise DatasetConfigError(f"set either {sources[0]} or {sources[1]}, not both", file, label)
-        checked.append(entry)
-    return {"general": general, "datasets": checked}
+    tables = {}
+    for table in (TRAINING_TABLE, VALIDATION_TABLE):
+        entries = config.get(table, [])
+        if not isinstance(entries, list):
+            raise DatasetConfigError(f"expected an array of tables, got {_type_name(entries)}", file, key=table)
+        if table == TRAINING_TABLE and not entries:
+            raise DatasetConfigError("no [[datasets]] entries", file)
+        tables[table] = [_validate_entry(entry, entry_label(index, table), file) for index, entry in enumerate(entries)]
+    return {"general": general, **tables}
+
+
+def _validate_entry(entry: Any, label: str, file: str | None) -> dict:
+    kind = _entry_kind(entry) if isinstance(entry, dict) else "image"
+    schema = VIDEO_KEYS if kind == "video" else IMAGE_KEYS
+    entry = _validate_table(entry, schema, kind, file, label)
+    sources = [k for k in (f"{kind}_directory", f"{kind}_jsonl_file") if k in entry]
+    if not sources:
+        raise DatasetConfigError(
+            "needs one of image_directory, image_jsonl_file, video_directory, video_jsonl_file", file, label
+        )
+    if len(sources) == 2:
+        raise DatasetConfigError(f"set either {sources[0]} or {sources[1]}, not both", file, label)
+    return entry
 
 
 def _namespace_values(namespace: Any) -> dict:
@@ -283,7 +300,8 @@ def _namespace_values(namespace: Any) -> dict:
 
 
 def resolve_dataset_params(config: dict, namespace: Any = None, file: str | None = None) -> list[DatasetParams]:
-    """Per-dataset parameters of a validated config, looked up entry → [general] → command line → default.
+    """Per-dataset parameters of a validated config, looked up entry → [general] → command line → default; the
+    `[[datasets]]` entries first, then the `[[validation_datasets]]` ones.
 
     Also checks what can be checked without reading media: JSONL datasets need `cache_directory`, and every
     dataset needs its own cache directory (after defaulting to its media directory).
@@ -291,13 +309,20 @@ def resolve_dataset_params(config: dict, namespace: Any = None, file: str | None
     general = config.get("general", {})
     cli = _namespace_values(namespace)
     resolved: list[DatasetParams] = []
-    for index, entry in enumerate(config["datasets"]):
+    entries = [
+        (table, index, entry)
+        for table in (TRAINING_TABLE, VALIDATION_TABLE)
+        for index, entry in enumerate(config.get(table, []))
+    ]
+    for table, index, entry in entries:
         klass = VideoDatasetParams if _entry_kind(entry) == "video" else ImageDatasetParams
-        values = {}
-        for field in fields(klass):
+        values = {"table": table, "position": index}
+        for param in fields(klass):
+            if not param.metadata.get("config", True):
+                continue
             for source in (entry, general, cli):
-                if source.get(field.name) is not None:
-                    values[field.name] = source[field.name]
+                if source.get(param.name) is not None:
+                    values[param.name] = source[param.name]
                     break
         params = klass(**values)
         jsonl = params.video_jsonl_file if klass is VideoDatasetParams else params.image_jsonl_file
@@ -305,25 +330,25 @@ def resolve_dataset_params(config: dict, namespace: Any = None, file: str | None
             raise DatasetConfigError(
                 "JSONL datasets need cache_directory (there is no media directory to default to)",
                 file,
-                entry_label(index),
+                params.label,
                 "cache_directory",
             )
         if klass is VideoDatasetParams and params.frame_extraction == "chunk" and 1 in params.target_frames:
-            logger.warning(f"{entry_label(index)}: 'chunk' with target_frames 1 makes an item of every single frame")
+            logger.warning(f"{params.label}: 'chunk' with target_frames 1 makes an item of every single frame")
         resolved.append(params)
 
-    seen: dict[str, int] = {}
-    for index, params in enumerate(resolved):
+    seen: dict[str, DatasetParams] = {}
+    for params in resolved:
         directory = os.path.normpath(os.path.abspath(effective_cache_directory(params)))
         if directory in seen:
             raise DatasetConfigError(
-                f"cache directory {directory} is also used by {entry_label(seen[directory])}; each dataset needs "
+                f"cache directory {directory} is also used by {seen[directory].label}; each dataset needs "
                 "its own (it defaults to the image/video directory)",
                 file,
-                entry_label(index),
+                params.label,
                 "cache_directory",
             )
-        seen[directory] = index
+        seen[directory] = params
     return resolved
 
 
@@ -338,6 +363,7 @@ def effective_cache_directory(params: DatasetParams) -> str:
 
 
 def load_dataset_params(path: str, namespace: Any = None) -> list[DatasetParams]:
-    """Load, validate and resolve a dataset config file: the one call the scripts make before any media work."""
+    """Load, validate and resolve a dataset config file: the one call the scripts make before any media work.
+    Training and validation datasets alike (the caching scripts cache both; `is_validation` tells them apart)."""
     config = validate_user_config(load_user_config(path), file=str(path))
     return resolve_dataset_params(config, namespace, file=str(path))

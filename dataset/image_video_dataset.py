@@ -12,6 +12,7 @@ musubi-tuner keeps them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from dataset.media import load_video
 
 logger = logging.getLogger(__name__)
 
+VALIDATION_SPLIT_SEED = 0  # the fixed draw of --validation_split, independent of --seed
 UNPREPARED_LENGTH = 100  # what a training dataset reports before prepare_for_training (the reference's dummy)
 
 
@@ -279,11 +281,39 @@ class BaseDataset(torch.utils.data.Dataset):
                 text_encoder_output_cache_path=text_path,
             )
             buckets.setdefault(key, []).extend([item] * self.num_repeats)
-            self.items_by_path[path] = item
+        self._set_buckets(buckets)
+        self.batch_manager.show_bucket_info()
+
+    def _set_buckets(self, buckets: dict[tuple, list[ItemInfo]]) -> None:
         self.batch_manager = BucketBatchManager(buckets, self.batch_size)
         self._arrangements = {}
-        self.batch_manager.show_bucket_info()
+        self.items_by_path = {item.latent_cache_path: item for items in buckets.values() for item in items}
         self.num_train_items = sum(len(b) for b in buckets.values())
+
+    def split_off(self, fraction: float) -> BaseDataset:
+        """Move `fraction` of the items (whole images or video crops, with all their sections; at least one)
+        into a new dataset with the same settings and no repeats, and return it. Which items is a fixed draw
+        (`random.Random(VALIDATION_SPLIT_SEED)` over the sorted item keys), the same for every --seed."""
+        buckets = self.batch_manager.buckets
+        keys = sorted({item.item_key for items in buckets.values() for item in items})
+        count = max(1, round(len(keys) * fraction))
+        if count >= len(keys):
+            raise ValueError(
+                f"--validation_split {fraction}: {self.params.label} has {len(keys)} item(s), too few to hold out "
+                f"{count} and train on the rest"
+            )
+        held = set(random.Random(VALIDATION_SPLIT_SEED).sample(keys, count))
+        held_out = copy.copy(self)
+        held_out.num_repeats = 1
+        unique = {
+            key: list({i.latent_cache_path: i for i in items if i.item_key in held}.values())
+            for key, items in buckets.items()
+        }
+        held_out._set_buckets({key: items for key, items in unique.items() if items})
+        kept = {key: [i for i in items if i.item_key not in held] for key, items in buckets.items()}
+        self._set_buckets({key: items for key, items in kept.items() if items})
+        logger.info(f"{self.params.label}: {count} of {len(keys)} items held out for validation")
+        return held_out
 
     def set_seed(self, seed: int) -> None:
         self.seed = seed

@@ -457,6 +457,20 @@ class SingleStreamBlock(nn.Module):
         return out[:, :n_img], out[:, n_img:]
 
 
+def checkpoint_with_cpu_offload(fn, *args):
+    """Gradient checkpoint of `fn` whose kept inputs live in CPU memory until backward: tensor arguments are
+    copied to the CPU before the checkpoint (which keeps what it is given) and back to their device inside it, so
+    the recomputation in backward reads them from the CPU. Copies are exact, so gradients equal plain
+    checkpointing."""
+    devices = [a.device if isinstance(a, torch.Tensor) else None for a in args]
+
+    def on_device(*offloaded):
+        return fn(*(a if d is None else a.to(d, non_blocking=True) for a, d in zip(offloaded, devices)))
+
+    offloaded = [a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args]
+    return checkpoint(on_device, *offloaded, use_reentrant=False)
+
+
 class HunyuanVideoTransformer3DModelPacked(nn.Module):
     def __init__(self, config: PackedDiTConfig, attn_mode: str = "torch", split_attn: bool = False):
         super().__init__()
@@ -488,6 +502,7 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
         self.attn_mode = attn_mode
         self.split_attn = split_attn
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_cpu_offload = False
         self.high_quality_fp32_output_for_inference = True
         self.rope_scaling_factor = 1.0
         self.rope_scaling_timestep_threshold: float | None = None
@@ -495,11 +510,15 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
         self.teacache = None  # frame_pack.teacache.TeaCache, set by enable_teacache
 
     # ---- switches ----------------------------------------------------------------------------------------------
-    def enable_gradient_checkpointing(self):
+    def enable_gradient_checkpointing(self, cpu_offload: bool = False):
+        """Recompute each checkpointed part in backward; with `cpu_offload` the inputs it keeps for that wait in
+        CPU memory (`checkpoint_with_cpu_offload`)."""
         self.gradient_checkpointing = True
+        self.gradient_checkpointing_cpu_offload = cpu_offload
 
     def disable_gradient_checkpointing(self):
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_cpu_offload = False
 
     def enable_rope_scaling(self, timestep_threshold: float | None, factor: float):
         """Scale H/W RoPE positions by `factor` while timestep >= threshold (`--rope_scaling_*`)."""
@@ -539,6 +558,8 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _run(self, fn, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing_cpu_offload:
+                return checkpoint_with_cpu_offload(fn, *args)
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 

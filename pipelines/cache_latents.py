@@ -41,7 +41,7 @@ from dataset.caching import (
     resolve_num_workers,
     save_cache_file,
 )
-from dataset.config import DatasetConfigError, entry_label, load_dataset_params
+from dataset.config import DatasetConfigError, load_dataset_params
 from dataset.debug_view import DEBUG_MODES, show_datasets
 from dataset.image_video_dataset import ImageDataset, ItemInfo, VideoDataset, build_dataset_group
 from dataset.media import MediaError, latent_mask
@@ -358,8 +358,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_datasets(datasets: list[ImageDataset | VideoDataset], args: argparse.Namespace) -> None:
     """Each dataset must suit the mode: video datasets normally, image datasets with control images for one-frame."""
-    for index, dataset in enumerate(datasets):
-        label = entry_label(index)
+    for dataset in datasets:
+        label = dataset.params.label
         if not args.one_frame:
             if not dataset.is_video:
                 raise CachingError(

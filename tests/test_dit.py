@@ -469,6 +469,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(g, grads[1][n], atol=1e-6), n
 
 
+def test_gradient_checkpointing_cpu_offload_gives_the_same_gradients(monkeypatch):
+    """The offloading path (on the CPU its copies stay in place; the path and its recomputation run all the
+    same) gives gradients equal to plain checkpointing, bit for bit."""
+    from frame_pack import hunyuan_video_packed as H
+
+    calls = []
+    offload = H.checkpoint_with_cpu_offload
+    monkeypatch.setattr(H, "checkpoint_with_cpu_offload", lambda fn, *a: calls.append(fn) or offload(fn, *a))
+    kw = section_inputs(dtype=torch.float32)
+    grads = []
+    for cpu_offload in (False, True):
+        m = fp32_model()
+        m.train()
+        m.enable_gradient_checkpointing(cpu_offload=cpu_offload)
+        m(**kw).square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert len(calls) >= len(m.transformer_blocks) + len(m.single_transformer_blocks)
+    for n, g in grads[0].items():
+        assert torch.equal(g, grads[1][n]), n
+
+
 def test_fp8_quantizer_equals_the_e4m3_rounding_rule():
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(64, 64, generator=g) * 0.05).bfloat16()

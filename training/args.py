@@ -14,7 +14,7 @@ import sys
 import toml
 
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
-from training.timesteps import TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
+from training.timesteps import DEFAULT_VALIDATION_TIMESTEPS, TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
 from utils.cli import HelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep DataLoader workers alive")
     g.add_argument("--seed", type=int, default=None, help="random seed (random when omitted; recorded as ss_seed)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute DiT activations in backward")
+    g.add_argument(
+        "--gradient_checkpointing_cpu_offload",
+        action="store_true",
+        help="with --gradient_checkpointing: keep the checkpointed blocks' inputs in CPU memory until backward "
+        "(less GPU memory, same gradients, some transfer time)",
+    )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument(
         "--mixed_precision",
@@ -110,6 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="no",
         choices=MIXED_PRECISIONS,
         help="accelerate autocast precision (bf16 recommended; the DiT itself is bf16)",
+    )
+
+    g = p.add_argument_group("validation")
+    g.add_argument(
+        "--validation_split",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of each training dataset's items (whole images or video crops, a fixed draw) "
+        "as validation data; adds to any [[validation_datasets]] of the dataset config",
+    )
+    g.add_argument("--validate_every_n_steps", type=int, default=None, help="compute the validation loss every N steps")
+    g.add_argument(
+        "--validate_every_n_epochs", type=int, default=None, help="compute the validation loss every N epochs"
+    )
+    g.add_argument(
+        "--validation_timesteps",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_VALIDATION_TIMESTEPS),
+        help="timesteps (1..1000; noise level t/1000) at which every validation item is scored, with fixed noise "
+        "per item; the validation loss is the mean over them",
     )
 
     g = p.add_argument_group("logging")
@@ -482,6 +509,13 @@ def validate_args(args: argparse.Namespace) -> None:
         "save_last_n_steps_state",
         "max_grad_norm",
     )
+    _positive(args, "validate_every_n_steps", "validate_every_n_epochs")
+    if not 0.0 <= args.validation_split < 1.0:
+        raise ValueError(f"--validation_split must be in [0, 1), got {args.validation_split}")
+    if any(not 1 <= t <= 1000 for t in args.validation_timesteps):
+        raise ValueError(f"--validation_timesteps must be in 1..1000, got {args.validation_timesteps}")
+    if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
+        raise ValueError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     if (args.blocks_to_swap or 0) > MAX_BLOCKS_TO_SWAP_TRAINING:

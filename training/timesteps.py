@@ -23,6 +23,7 @@ TIMESTEP_SAMPLING_MODES = ("sigma", "uniform", "sigmoid", "shift", "flux_shift",
 CONTINUOUS_MODES = TIMESTEP_SAMPLING_MODES[1:]
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 NUM_TRAIN_TIMESTEPS = 1000
+DEFAULT_VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # the centres of five equal bands of the 1000 timesteps
 # qinglong: per sample, flux_shift with probability 0.8, logsnr 0.075, and the rest logsnr around +5.36
 # (low noise), i.e. the style-friendly high-noise draw balanced by a detail-oriented one.
 QINGLONG_FLUX_SHIFT_SHARE = 0.80
@@ -138,6 +139,16 @@ def noisy_model_input_and_timesteps(
     timesteps = schedule()[1][indices].to(device=device)
     sigmas = sigmas_for_timesteps(timesteps, device, dtype).view(-1, *([1] * (latents.ndim - 1)))
     return sigmas * noise + (1.0 - sigmas) * latents, timesteps
+
+
+def fixed_timestep_input(
+    noise: torch.Tensor, latents: torch.Tensor, timestep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy input, timesteps (B,) float32) at one given timestep for the whole batch: σ = timestep / 1000,
+    the model fed `timestep` (the scale of the `sigma` mode)."""
+    sigma = timestep / NUM_TRAIN_TIMESTEPS
+    timesteps = torch.full((noise.shape[0],), float(timestep), device=noise.device)
+    return sigma * noise + (1.0 - sigma) * latents, timesteps
 
 
 def loss_weighting(scheme: str, timesteps: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor | None:

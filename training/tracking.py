@@ -155,9 +155,14 @@ def step_logs(
     optimizer_type: str = "",
     max_norm: tuple | None = None,
     step_seconds: float | None = None,
+    timesteps: list[float] | None = None,
 ) -> dict:
-    """Per-step tracker values: loss/current, loss/average, lr/<group>, d*lr for D-Adaptation/Prodigy, max-norm."""
+    """Per-step tracker values: loss/current, loss/average, lr/<group>, d*lr for D-Adaptation/Prodigy, max-norm,
+    and the statistics of the batch's timesteps (timestep/mean, /min, /max)."""
     logs = {"loss/current": current_loss, "loss/average": average_loss}
+    if timesteps:
+        logs["timestep/mean"] = sum(timesteps) / len(timesteps)
+        logs["timestep/min"], logs["timestep/max"] = min(timesteps), max(timesteps)
     if step_seconds is not None:
         logs["time/step_seconds"] = step_seconds
     if max_norm is not None:

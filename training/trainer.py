@@ -31,15 +31,15 @@ from accelerate.utils import DynamoBackend, TorchDynamoPlugin, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from dataset.image_video_dataset import load_dataset_group
 from frame_pack.sections import CLEAN_2X_FRAMES, CLEAN_4X_FRAMES
 from training import checkpoints as C
 from training.args import ATTENTION_FLAGS, attention_mode, parse_args
 from training.data import build_dataloader
 from training.optim import create_lr_scheduler, create_optimizer
 from training.rng import preserved_rng
-from training.timesteps import loss_weighting, noisy_model_input_and_timesteps, show_timesteps
+from training.timesteps import fixed_timestep_input, loss_weighting, noisy_model_input_and_timesteps, show_timesteps
 from training.tracking import LossRecorder, init_trackers, logging_directory, resolve_trackers, step_logs
+from training.validation import Validator, load_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +227,8 @@ class Trainer:
         seed = flags.seed if flags.seed is not None else random.randint(0, SEED_MAX)
         set_seed(seed)
 
-        self.group = group = load_dataset_group(flags.dataset_config, flags, training=True)
-        if group.num_train_items == 0:
-            raise ValueError(f"--dataset_config {flags.dataset_config}: no cached items (run the caching scripts)")
+        self.group, validation = load_datasets(flags)
+        group = self.group
         output_name = flags.output_name
         if output_name is None:
             output_name = os.path.splitext(os.path.basename(flags.dataset_config))[0]
@@ -244,6 +243,10 @@ class Trainer:
             max_train_steps = flags.max_train_epochs * per_epoch
             logger.info(f"{flags.max_train_epochs} epochs: {max_train_steps} steps")
         self.args = args = resolved_flags(flags, seed=seed, output_name=output_name, max_train_steps=max_train_steps)
+        scheduled = args.validate_every_n_steps or args.validate_every_n_epochs
+        self.validator = Validator(validation, args.validation_timesteps, seed) if scheduled else None
+        self.validated_at: int | None = None
+        self.validation_mean: float | None = None
 
         self.samples = None
         if args.sample_prompts and acc.is_main_process:
@@ -255,7 +258,7 @@ class Trainer:
             dit = load_dit(args, acc.device)
         network = create_network(args, dit)
         if args.gradient_checkpointing:
-            dit.enable_gradient_checkpointing()
+            dit.enable_gradient_checkpointing(cpu_offload=args.gradient_checkpointing_cpu_offload)
             network.enable_gradient_checkpointing()
         self.dit_dtype = dit.x_embedder.proj.weight.dtype
 
@@ -339,22 +342,47 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------------------------------
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        args, acc = self.args, self.accelerator
-        device = acc.device
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, timesteps) of a training batch: fresh noise and timesteps from the run's generators."""
+        args, device = self.args, self.accelerator.device
         latents = batch["latents"].to(device)
         noise = torch.randn_like(latents)
         noisy, timesteps = noisy_model_input_and_timesteps(args, noise, latents, device, self.dit_dtype)
         weighting = loss_weighting(args.weighting_scheme, timesteps, device, self.dit_dtype)
+        return self.flow_matching_loss(batch, latents, noise, noisy, timesteps, weighting).mean(), timesteps
+
+    def flow_matching_loss(self, batch, latents, noise, noisy, timesteps, weighting=None) -> torch.Tensor:
+        """Element-wise squared error of the DiT's prediction against the velocity target noise − latents."""
+        acc, device = self.accelerator, self.accelerator.device
         input_dtype = torch.float32 if acc.mixed_precision != "no" else self.dit_dtype
-        inputs = model_inputs(batch, noisy, timesteps, args.guidance_scale, device, input_dtype)
+        inputs = model_inputs(batch, noisy, timesteps, self.args.guidance_scale, device, input_dtype)
         with acc.autocast():
             model_pred = self.dit(**inputs)
         target = noise.float() - latents.float()
         loss = F.mse_loss(model_pred.float(), target, reduction="none")
-        if weighting is not None:
-            loss = loss * weighting
-        return loss.mean()
+        return loss if weighting is None else loss * weighting
+
+    def validation_loss(self, batch: dict, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        """Mean loss of a validation batch at one timestep with its fixed noise (no loss weighting)."""
+        device = self.accelerator.device
+        latents, noise = batch["latents"].to(device), noise.to(device)
+        noisy, timesteps = fixed_timestep_input(noise, latents, timestep)
+        return self.flow_matching_loss(batch, latents, noise, noisy, timesteps).mean()
+
+    def validate(self, global_step: int, epoch: int | None = None) -> None:
+        """The validation loss, when one is due at this step (or at the end of this epoch) and not yet computed."""
+        if self.validator is None or self.validated_at == global_step:
+            return
+        args = self.args
+        due_by_steps = args.validate_every_n_steps and global_step % args.validate_every_n_steps == 0
+        due_by_epochs = epoch is not None and args.validate_every_n_epochs and epoch % args.validate_every_n_epochs == 0
+        if not (global_step == 0 or due_by_steps or due_by_epochs):
+            return
+        result = self.validator.run(self.validation_loss, [self.dit, self.network])
+        self.validated_at, self.validation_mean = global_step, result.mean
+        logger.info(f"validation loss at step {global_step}: {result.summary()}")
+        if self.accelerator.log_with:
+            self.accelerator.log(result.logs(), step=global_step)
 
     def sync_and_clip_gradients(self) -> None:
         """The network is not called through DDP, so gradients are averaged here; then clipped."""
@@ -440,13 +468,13 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
-    def step(self, batch: dict) -> tuple[float, tuple | None]:
+    def step(self, batch: dict) -> tuple[float, tuple | None, list[float]]:
         """One micro-batch: loss, backward, (on sync) gradient averaging and clipping, optimizer and scheduler step,
-        then max-norm regularisation. Returns (loss, max-norm stats or None)."""
+        then max-norm regularisation. Returns (loss, max-norm stats or None, the batch's timesteps)."""
         args, acc = self.args, self.accelerator
         with acc.accumulate(self.network):
             self.network_module.on_step_start()
-            loss = self.loss(batch)
+            loss, timesteps = self.loss(batch)
             acc.backward(loss)
             if acc.sync_gradients:
                 self.sync_and_clip_gradients()
@@ -456,7 +484,7 @@ class Trainer:
         max_norm = None
         if args.scale_weight_norms:
             max_norm = self.network_module.apply_max_norm_regularization(args.scale_weight_norms, acc.device)
-        return loss.detach().item(), max_norm
+        return loss.detach().item(), max_norm, timesteps.float().tolist()
 
     def epoch_start(self, epoch: int, global_step: int) -> tuple:
         """(batches, batches already consumed) of an epoch; a resumed epoch continues where its state was saved."""
@@ -485,6 +513,7 @@ class Trainer:
             saved = self.trainer_state(epoch, len(self.loader), global_step, recorder.losses, finished=True)
             self.save_at_epoch(epoch, global_step, saved)
         self.sample(epoch, global_step)
+        self.validate(global_step, epoch)
         self.optimizer_info.train()
 
     def train(self) -> None:
@@ -503,6 +532,7 @@ class Trainer:
         )
         if global_step == 0:
             self.sample(0, 0)
+            self.validate(0)  # the baseline, before any training
 
         for epoch0 in range(start_epoch, self.num_epochs):
             epoch = epoch0 + 1
@@ -512,7 +542,7 @@ class Trainer:
             batches, steps_in_epoch = self.epoch_start(epoch, global_step)
             for batch in batches:
                 start = time.perf_counter()
-                loss, max_norm = self.step(batch)
+                loss, max_norm, timesteps = self.step(batch)
                 seconds = time.perf_counter() - start
                 recorder.add(epoch0, steps_in_epoch, loss)
                 steps_in_epoch += 1
@@ -523,8 +553,11 @@ class Trainer:
                     if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
                         saved = self.trainer_state(epoch, steps_in_epoch, global_step, recorder.losses)
                         self.save_at_step(global_step, epoch0, saved)
+                    self.validate(global_step)
 
                 postfix = {"avr_loss": recorder.moving_average}
+                if self.validation_mean is not None:
+                    postfix["val_loss"] = self.validation_mean
                 if max_norm is not None:
                     postfix.update(keys_scaled=max_norm[0], average_key_norm=max_norm[1])
                 progress.set_postfix(postfix)
@@ -539,6 +572,7 @@ class Trainer:
                         args.optimizer_type,
                         max_norm,
                         seconds,
+                        timesteps,
                     )
                     acc.log(logs, step=global_step)
                 if global_step >= args.max_train_steps:

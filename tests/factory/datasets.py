@@ -196,7 +196,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_config(path: Path, datasets: list[dict], general: dict | None = None) -> Path:
+def write_config(
+    path: Path, datasets: list[dict], general: dict | None = None, validation: list[dict] | None = None
+) -> Path:
     """Dataset config as TOML (`.toml`) or JSON (`.json`); Path values are written as strings."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,8 @@ def write_config(path: Path, datasets: list[dict], general: dict | None = None) 
         return {k: str(v) if isinstance(v, Path) else v for k, v in table.items()}
 
     config = {"datasets": [plain(d) for d in datasets]}
+    if validation is not None:
+        config["validation_datasets"] = [plain(d) for d in validation]
     if general is not None:
         config = {"general": plain(general), **config}
     if path.suffix.lower() == ".json":
