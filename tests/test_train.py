@@ -630,9 +630,11 @@ def test_caching_scripts_then_training(models, tmp_path):
     from tests.factory.datasets import make_video_dataset, write_config
 
     videos = make_video_dataset(tmp_path, lengths=(13, 30))
+    held_out = make_video_dataset(tmp_path, lengths=(14,), name="validation")
     dataset = {"video_directory": videos.directory, "resolution": [48, 32], "target_frames": [4 * LWS + 1],
                "fp_latent_window_size": LWS, "caption_extension": ".txt"}  # fmt: skip
-    config = str(write_config(tmp_path / "dataset.toml", [dataset]))
+    validation = {**dataset, "video_directory": held_out.directory}
+    config = str(write_config(tmp_path / "dataset.toml", [dataset], validation=[validation]))
     m = models
     for script, flags in (
         ("fpack_cache_latents.py", ["--vae", m.vae, "--image_encoder", m.image_encoder]),
@@ -644,8 +646,13 @@ def test_caching_scripts_then_training(models, tmp_path):
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     assert len(glob.glob(str(videos.directory / "*_fp.safetensors"))) == 2
-    out = train(models, config, tmp_path / "out", steps=2)
+    # the [[validation_datasets]] entry is cached by both scripts too
+    assert len(glob.glob(str(held_out.directory / "*_fp.safetensors"))) == 1
+    assert len(glob.glob(str(held_out.directory / "*_fp_te.safetensors"))) == 1
+    out = tmp_path / "out"
+    train(models, config, out, "--validate_every_n_steps", "2", "--logging_dir", out / "logs", steps=2)
     assert load_file(out / "lora.safetensors")["lora_unet_transformer_blocks_0_attn_to_k.lora_up.weight"].any()
+    assert [r["step"] for r in metrics(out) if "loss/validation" in r] == [0, 2]
 
 
 def test_save_diffusers_lora_writes_an_export_diffusers_merges_like_our_file(models, single, tmp_path):

@@ -138,7 +138,14 @@ class PlannedRandomSampler(RandomSampler):
         if len(order) != len(self.group):
             return False
         datasets = self.group.datasets
-        return all(0 <= d < len(datasets) and all(p in datasets[d].items_by_path for p in paths) for d, paths in order)
+        return all(
+            isinstance(key, (list, tuple))
+            and len(key) == 2
+            and isinstance(key[0], int)
+            and 0 <= key[0] < len(datasets)
+            and all(p in datasets[key[0]].items_by_path for p in key[1])
+            for key in order
+        )
 
     def resume_epoch(self, epoch: int, order: list, consumed: int) -> None:
         """The next iteration yields `order[consumed:]` of `epoch` and draws nothing."""
