@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         "frames) or a latent saved by this tool or musubi-tuner. The output is the input followed by the new "
         "frames; --video_seconds/--video_sections, section prompts and images count the new part; --image_path is "
         "optional (SigLIP conditioning, default: the input's first frame); --end_image_path targets the last new "
-        "section (original model)",
+        "section (original model). Seed rule: the extension skips one noise draw of --seed per whole section the "
+        "input holds, so with --f1 two one-section extensions equal one two-section extension",
     )
     ext.add_argument(
         "--extend_context_frames",
@@ -312,7 +313,7 @@ def validate_args(args: argparse.Namespace) -> None:
         check_image_spec(getattr(args, flag), f"--{flag}")
     settings = GenerationSettings.from_args(args)
     check_prompt_times(settings, "--prompt")
-    check_extension(settings, "--extend_video")
+    check_extension(settings, "--extend_video", lines_may_extend=bool(args.from_file or args.interactive))
     for flag in ("control_image_path", "control_image_mask_path", "latent_path", "lora_weight"):
         for value in getattr(args, flag) or []:
             if not os.path.exists(value):
@@ -343,10 +344,12 @@ def check_prompt_times(settings: GenerationSettings, flag: str) -> None:
         raise ValueError(f"{flag}: {e}") from None
 
 
-def check_extension(settings: GenerationSettings, flag: str) -> None:
-    """--extend_video: the file is readable and fits --video_size; the context size fits the model."""
+def check_extension(settings: GenerationSettings, flag: str, lines_may_extend: bool = False) -> None:
+    """--extend_video: the file is readable and fits --video_size; the context size fits the model.
+    ``lines_may_extend``: prompt-file / interactive lines may still give --ev, so --extend_context_frames alone is
+    fine."""
     if not settings.extend_video:
-        if settings.extend_context_frames is not None:
+        if settings.extend_context_frames is not None and not lines_may_extend:
             raise ValueError("--extend_context_frames needs --extend_video")
         return
     if settings.one_frame:

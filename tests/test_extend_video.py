@@ -217,3 +217,15 @@ def test_timed_prompts_with_blending_reach_the_dit(models, start_image, tmp_path
     assert torch.allclose(pooled[1], (pooled[0] + pooled[2]) / 2, atol=2e-2)  # section 1: weight 1/2 of the new one
     masks = [c["encoder_attention_mask"] for c in calls]
     assert torch.equal(masks[1], masks[0] | masks[2])
+
+
+def test_prompt_file_line_extends_with_ev_and_a_timed_prompt(models, tmp_path):
+    source, x = saved_input(tmp_path, 4)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"[0s: a red box] [0.4s: a blue box] --ev {source} --vs 2\n")
+    run(models, tmp_path / "out", "--from_file", str(prompts), "--extend_context_frames", "3",
+        "--output_type", "latent", "--infer_steps", "1")  # fmt: skip
+    (path,) = files(tmp_path / "out", ".safetensors")
+    latent, meta = load_latent(path)
+    assert latent.shape[1] == 4 + 2 * LWS and torch.equal(latent[:, :4], x)
+    assert (meta["extend_video"], meta["extend_context_frames"]) == (source, "3")
