@@ -13,6 +13,8 @@ import glob
 import os
 from dataclasses import dataclass
 
+from hunyuan_model.frame_math import pixel_frames, sections_in_clip
+
 ARCHITECTURE = "fp"  # short name used in cache file names
 ARCHITECTURE_FULL = "framepack"  # `architecture` value in cache metadata
 CACHE_FORMAT_VERSION = "1.0.1"
@@ -98,24 +100,19 @@ def parse_latent_cache_name(path: str, is_video: bool) -> LatentCacheName:
         raise ValueError(f"{path}: not a {what} latent cache name ({kind}{LATENT_CACHE_SUFFIX})") from None
 
 
-def latent_frame_count(frames: int) -> int:
-    """Latent frames of a clip of `frames` pixel frames (the VAE keeps the first frame and compresses 4:1)."""
-    return (frames - 1) // 4 + 1
-
-
 def section_count(frames: int, latent_window_size: int) -> int:
     """Whole sections of `latent_window_size` latent frames after the first latent frame; 0 if the clip is too short."""
-    return (latent_frame_count(frames) - 1) // latent_window_size
+    return sections_in_clip(frames, latent_window_size)
 
 
 def min_section_frames(latent_window_size: int) -> int:
     """Fewest pixel frames that give one section: lws·4 + 1 (37 for lws 9)."""
-    return latent_window_size * 4 + 1
+    return pixel_frames(1 + latent_window_size)
 
 
 def aligned_frame_count(frames: int, latent_window_size: int) -> int:
     """Pixel frames kept after trimming the clip to whole sections: sections·lws·4 + 1."""
-    return section_count(frames, latent_window_size) * latent_window_size * 4 + 1
+    return pixel_frames(1 + section_count(frames, latent_window_size) * latent_window_size)
 
 
 def video_section_cache_paths(latent_path: str, frames: int, latent_window_size: int) -> list[str]:

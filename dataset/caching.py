@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from utils.cli import check_positive
 from utils.safetensors_utils import (
     SAFETENSORS_DTYPES,
     TensorInfo,
@@ -39,9 +40,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Flags both caching scripts take, with the reference's names and defaults."""
     parser.add_argument("--dataset_config", type=str, required=True, help="dataset config file (.toml or .json)")
     parser.add_argument(
-        "--device", type=str, default=None, help="device for the models; None: cuda if available, else cpu"
-    )
-    parser.add_argument(
         "--batch_size",
         type=int,
         default=None,
@@ -63,6 +61,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--keep_cache", action="store_true", help="keep cache files that no item of the config produces"
     )
     return parser
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "num_workers"):
+        try:
+            check_positive(f"--{flag}", getattr(args, flag))
+        except ValueError as e:
+            raise CachingError(str(e)) from None
 
 
 def resolve_num_workers(num_workers: int | None) -> int:

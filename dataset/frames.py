@@ -7,15 +7,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from hunyuan_model.frame_math import round_to_4n_plus_1
+
 logger = logging.getLogger(__name__)
 
 FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
 TARGET_FPS = 30.0  # FramePack's frame rate; `source_fps` converts to it
-
-
-def round_to_4n_plus_1(frames: int) -> int:
-    """Largest 4n+1 not above `frames` (the VAE's causal time compression needs 4n+1 frames)."""
-    return (frames - 1) // 4 * 4 + 1
 
 
 def round_target_frames(target_frames: Iterable[int]) -> tuple[int, ...]:

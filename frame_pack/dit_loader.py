@@ -7,7 +7,6 @@ meta device and the file tensors are assigned as they are (file dtype kept), so 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -15,7 +14,13 @@ import torch
 
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
 from utils.checkpoint_kinds import state_dict_mismatch, wrong_file_message
-from utils.safetensors_utils import WeightFileError, load_state_dict, read_headers, resolve_weight_files
+from utils.safetensors_utils import (
+    WeightFileError,
+    load_state_dict,
+    read_config_json,
+    read_headers,
+    resolve_weight_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +36,6 @@ REQUIRED_KEYS = (
 )
 
 
-def _read_config_json(files: list[str]) -> dict | None:
-    path = os.path.join(os.path.dirname(files[0]), "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_dit_config(path: str, flag: str = "--dit") -> tuple[list[str], PackedDiTConfig]:
     """Validate a DiT checkpoint from its headers alone and return (files, config). Cheap: reads no tensor data."""
     files = resolve_weight_files(path, flag, subfolder="transformer")
@@ -49,7 +46,7 @@ def read_dit_config(path: str, flag: str = "--dit") -> tuple[list[str], PackedDi
             wrong_file_message(flag, path, "a FramePack DiT (keys like x_embedder.proj.weight)", infos)
         )
     shapes = {k: v.shape for k, v in infos.items()}
-    config = PackedDiTConfig.from_shapes(shapes, _read_config_json(files))
+    config = PackedDiTConfig.from_shapes(shapes, read_config_json(os.path.dirname(files[0]), flag))
 
     with torch.device("meta"):
         expected = HunyuanVideoTransformer3DModelPacked(config).state_dict()

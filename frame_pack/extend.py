@@ -25,7 +25,6 @@ import math
 
 import torch
 
-from frame_pack.sampling import LATENT_CHANNELS
 from frame_pack.sections import (
     CLEAN_2X_FRAMES,
     CLEAN_4X_FRAMES,
@@ -34,8 +33,8 @@ from frame_pack.sections import (
     SectionIndices,
     SectionPlan,
     clean_latents_from_history,
-    sections_in_latent,
 )
+from hunyuan_model.frame_math import LATENT_CHANNELS, sections_in_latent
 
 MIN_INPUT_LATENT_FRAMES = 2  # one latent frame is a still image: there is no motion to continue
 F1_CONTEXT_FRAMES = (1, HISTORY_FRAMES, HISTORY_FRAMES)  # (min, max, default)

@@ -18,9 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
-from hunyuan_model.vae import SPATIAL_COMPRESSION
-
-LATENT_CHANNELS = 16
+from hunyuan_model.frame_math import LATENT_CHANNELS, latent_frames, latent_size
 
 # Flux mu line through (FLUX_MU_X1, FLUX_MU_Y1) and (FLUX_MU_X2, FLUX_MU_Y2), capped at ln(FLUX_SHIFT_MAX).
 FLUX_MU_X1, FLUX_MU_Y1 = 256, 0.5
@@ -65,11 +63,6 @@ def make_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def latent_frames_for(frames: int) -> int:
-    """Latent frames of a clip of ``frames`` pixel frames (33 -> 9, 1 -> 1)."""
-    return (frames + 3) // 4
-
-
 def initial_noise(
     generator: torch.Generator,
     frames: int,
@@ -86,9 +79,8 @@ def initial_noise(
     shape = (
         batch_size,
         LATENT_CHANNELS,
-        latent_frames_for(frames),
-        height // SPATIAL_COMPRESSION,
-        width // SPATIAL_COMPRESSION,
+        latent_frames(frames),
+        *latent_size(height, width),
     )
     noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
     return noise.to(device=device) if device is not None else noise

@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from frame_pack.sampling import LATENT_CHANNELS, latent_frames_for  # latent_frames_for: also for callers here
+from hunyuan_model.frame_math import (
+    LATENT_CHANNELS,
+    TEMPORAL_COMPRESSION,
+    latent_frames,
+    pixel_frames,
+    sections_in_latent,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +53,12 @@ SECTION_SPEC_LIKE_RE = re.compile(r"^[\d\s-]*\d[\d\s-]*$")  # digits/dashes only
 
 def section_frames(latent_window_size: int) -> int:
     """Pixel frames sampled per section (lws*4 - 3 = 33); also the pixel overlap of the sectioned decode."""
-    return latent_window_size * 4 - 3
+    return pixel_frames(latent_window_size)
 
 
 def section_latent_frames(latent_window_size: int) -> int:
     """Latent frames sampled per section (= lws)."""
-    return latent_frames_for(section_frames(latent_window_size))
+    return latent_frames(section_frames(latent_window_size))
 
 
 def total_sections(video_seconds: float, latent_window_size: int, video_sections: int | None = None) -> int:
@@ -61,12 +67,12 @@ def total_sections(video_seconds: float, latent_window_size: int, video_sections
         if video_sections < 1:
             raise ValueError(f"video_sections must be >= 1, got {video_sections}")
         return video_sections
-    return int(max(round(video_seconds * SECTION_COUNT_FPS / (latent_window_size * 4)), 1))
+    return int(max(round(video_seconds * SECTION_COUNT_FPS / (latent_window_size * TEMPORAL_COMPRESSION)), 1))
 
 
 def video_seconds_for_sections(sections: int, latent_window_size: int, fps: int) -> float:
     """Length the reference records for ``--video_sections`` ((sections*lws*4 + 1) / fps), e.g. for metadata."""
-    return (sections * (latent_window_size * 4) + 1) / fps
+    return (sections * (latent_window_size * TEMPORAL_COMPRESSION) + 1) / fps
 
 
 def video_latent_frames(sections: int, latent_window_size: int) -> int:
@@ -74,14 +80,9 @@ def video_latent_frames(sections: int, latent_window_size: int) -> int:
     return latent_window_size * sections + START_FRAMES
 
 
-def pixel_frames_for_latents(latent_frames: int) -> int:
-    """Pixel frames a causal VAE decodes from ``latent_frames`` latents: 4*(L-1) + 1."""
-    return (latent_frames - 1) * 4 + 1
-
-
 def video_pixel_frames(sections: int, latent_window_size: int) -> int:
     """Pixel frames of a finished video: 4*lws*N + 1 (145 for 4 sections of 9)."""
-    return pixel_frames_for_latents(video_latent_frames(sections, latent_window_size))
+    return pixel_frames(video_latent_frames(sections, latent_window_size))
 
 
 def section_start_seconds(section_index: int, latent_window_size: int, fps: int) -> Fraction:
@@ -90,17 +91,11 @@ def section_start_seconds(section_index: int, latent_window_size: int, fps: int)
     return Fraction(video_pixel_frames(section_index, latent_window_size) - START_FRAMES, fps)
 
 
-def sections_in_latent(latent_frames: int, latent_window_size: int) -> int:
-    """Whole sections contained in a latent video: floor((L-1)/lws); 0 when shorter than one section.
-
-    Caching and training sampling cut clips with this; decode uses it too (via ``decode_sections``) so that the
-    chunking follows the sections actually generated, not the raw ``--video_seconds`` flag (reference defect 6).
-    """
-    return max(latent_frames - START_FRAMES, 0) // latent_window_size
-
-
 def decode_sections(latent_frames: int, latent_window_size: int) -> int:
-    """Sections the sectioned decode must walk for a latent of ``latent_frames`` frames (at least 1)."""
+    """Sections the sectioned decode must walk for a latent of ``latent_frames`` frames (at least 1).
+
+    The chunking follows the sections actually generated, not the raw ``--video_seconds`` flag (reference defect 6).
+    """
     return max(sections_in_latent(latent_frames, latent_window_size), 1)
 
 

@@ -16,15 +16,8 @@ import torch
 from PIL import Image
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from hunyuan_model.text_encoder import (
-    count_layers,
-    heads_from_rows,
-    load_into_empty_model,
-    read_config_json,
-    weight_folder,
-)
-from utils.checkpoint_kinds import describe_checkpoint
-from utils.safetensors_utils import WeightFileError, read_headers, resolve_weight_files
+from hunyuan_model.encoder_loader import EncoderSpec, count_layers, heads_from_rows, load_encoder
+from utils.safetensors_utils import WeightFileError
 
 logger = logging.getLogger(__name__)
 
@@ -90,25 +83,26 @@ def siglip_config_from_shapes(
     )
 
 
+def _set_head(config: SiglipVisionConfig, shapes) -> None:
+    """The attention-pooling head is built only when the file carries it (the Comfy file has none)."""
+    config.vision_use_head = "head.probe" in shapes
+
+
+SIGLIP_SPEC = EncoderSpec(
+    name="image encoder",
+    model_class=SiglipVisionModel,
+    config_class=SiglipVisionConfig,
+    subfolder="image_encoder",
+    expected=SIGLIP_EXPECTED,
+    required_keys=("embeddings.patch_embedding.weight", "encoder.layers.0.mlp.fc1.weight"),
+    rename=lambda infos: _rename,
+    config_from_shapes=siglip_config_from_shapes,
+    adjust_config=_set_head,
+)
+
+
 def load_image_encoder(
     path: str | os.PathLike, device: str | torch.device = "cpu", flag: str = "--image_encoder"
 ) -> SiglipVisionModel:
     """Load SigLIP from a single file (file dtype kept) or a snapshot folder with `image_encoder/` (float16)."""
-    logger.info("Loading image encoder from %s", path)
-    files = resolve_weight_files(path, flag, subfolder="image_encoder")
-    infos = read_headers(files, flag)
-    shapes = {_rename(key): info.shape for key, info in infos.items()}
-    if "embeddings.patch_embedding.weight" not in shapes or "encoder.layers.0.mlp.fc1.weight" not in shapes:
-        raise WeightFileError(
-            f"{flag} {path}: this looks like {describe_checkpoint(infos)}; expected {SIGLIP_EXPECTED}"
-        )
-    folder = weight_folder(path, "image_encoder")
-    config_json = read_config_json(folder)
-    if config_json:
-        config = SiglipVisionConfig.from_dict(config_json)
-        config.vision_use_head = "head.probe" in shapes
-    else:
-        config = siglip_config_from_shapes(shapes, flag, path)
-    dtype = torch.float16 if folder is not None else None
-    model = load_into_empty_model(SiglipVisionModel, config, files, infos, _rename, flag, path, SIGLIP_EXPECTED, dtype)
-    return model.to(device)
+    return load_encoder(SIGLIP_SPEC, path, flag).to(device)

@@ -13,19 +13,14 @@ file is refused with a message naming the flag, the file and what was expected.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
+from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-from utils.checkpoint_kinds import describe_checkpoint, state_dict_mismatch
-from utils.safetensors_utils import TensorInfo, WeightFileError, load_state_dict, read_headers, resolve_weight_files
+from hunyuan_model.encoder_loader import EncoderSpec, count_layers, heads_from_rows, load_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -74,70 +69,6 @@ CLIP_PREFIX = "text_model."  # transformers 4.x checkpoint names; the 5.x module
 CLIP_IGNORED_KEYS = ("text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
 
 # Key fragments that identify what a checkpoint is, for error messages. Checked in order.
-# --- shared loading machinery (also used by hunyuan_model/image_encoder.py) -------------------------------------------
-
-
-def weight_folder(path: str | os.PathLike, subfolder: str) -> Path | None:
-    """The folder whose config.json applies: `path/subfolder` for a snapshot root, `path` for the folder itself."""
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    return p / subfolder if (p / subfolder).is_dir() else p
-
-
-def read_config_json(folder: Path | None) -> dict | None:
-    if folder is None or not (folder / "config.json").is_file():
-        return None
-    with open(folder / "config.json", encoding="utf-8") as f:
-        return json.load(f)
-
-
-def count_layers(keys, prefix: str) -> int:
-    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
-    indices = {int(m[1]) for key in keys if (m := pattern.match(key))}
-    return max(indices) + 1 if indices else 0
-
-
-def heads_from_rows(rows: int, head_dim: int, what: str, flag: str, path) -> int:
-    if rows % head_dim:
-        raise WeightFileError(f"{flag} {path}: {what} has {rows} rows, not a multiple of the head size {head_dim}")
-    return rows // head_dim
-
-
-def load_into_empty_model(
-    model_cls: type[PreTrainedModel],
-    config: PretrainedConfig,
-    files: list[str],
-    infos: dict[str, TensorInfo],
-    rename: Callable[[str], str | None],
-    flag: str,
-    path,
-    expected: str,
-    dtype: torch.dtype | None,
-) -> PreTrainedModel:
-    """Build `model_cls` with empty (meta) weights, check the renamed header against it, then assign the tensors.
-
-    `rename` maps a file key to the module key, or None to skip it. `dtype` None keeps the file's dtype.
-    """
-    with init_empty_weights():
-        model = model_cls(config)
-    keep = {key: new for key in infos if (new := rename(key)) is not None}
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problem = state_dict_mismatch(wanted, {new: infos[key].shape for key, new in keep.items()})
-    if problem:
-        raise WeightFileError(
-            f"{flag} {path}: tensors do not fit the model built from its config ({problem}); expected {expected}"
-        )
-    state = load_state_dict(files, dtype=dtype, key_filter=lambda k: k in keep)
-    model.load_state_dict({keep[k]: v for k, v in state.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
-def _refuse_unless(condition: bool, infos, flag: str, path, expected: str):
-    if not condition:
-        raise WeightFileError(f"{flag} {path}: this looks like {describe_checkpoint(infos)}; expected {expected}")
-
-
 # --- text encoder 1: LLaMA ---------------------------------------------------------------------------------------
 
 
@@ -182,6 +113,18 @@ def llama_config_from_shapes(shapes: dict[str, tuple[int, ...]], flag: str = "--
     )
 
 
+LLAMA_SPEC = EncoderSpec(
+    name="text encoder 1",
+    model_class=LlamaModel,
+    config_class=LlamaConfig,
+    subfolder="text_encoder",
+    expected=LLAMA_EXPECTED,
+    required_keys=("embed_tokens.weight", "layers.0.self_attn.q_proj.weight"),
+    rename=_llama_rename,
+    config_from_shapes=llama_config_from_shapes,
+)
+
+
 def load_text_encoder1(
     path: str | os.PathLike, device: str | torch.device = "cpu", fp8_llm: bool = False, flag: str = "--text_encoder1"
 ) -> LlamaModel:
@@ -189,23 +132,7 @@ def load_text_encoder1(
 
     Files keep their dtype; a folder is loaded as float16 (the reference uses `from_pretrained(torch_dtype=fp16)`).
     """
-    logger.info("Loading text encoder 1 from %s", path)
-    files = resolve_weight_files(path, flag, subfolder="text_encoder")
-    infos = read_headers(files, flag)
-    rename = _llama_rename(infos)
-    shapes = {new: info.shape for key, info in infos.items() if (new := rename(key)) is not None}
-    _refuse_unless(
-        "embed_tokens.weight" in shapes and "layers.0.self_attn.q_proj.weight" in shapes,
-        infos,
-        flag,
-        path,
-        LLAMA_EXPECTED,
-    )
-    folder = weight_folder(path, "text_encoder")
-    config_json = read_config_json(folder)
-    config = LlamaConfig.from_dict(config_json) if config_json else llama_config_from_shapes(shapes, flag, path)
-    dtype = torch.float16 if folder is not None else None
-    model = load_into_empty_model(LlamaModel, config, files, infos, rename, flag, path, LLAMA_EXPECTED, dtype)
+    model = load_encoder(LLAMA_SPEC, path, flag)
     if fp8_llm:
         apply_fp8_llm(model, device)
     else:
@@ -273,27 +200,23 @@ def clip_config_from_shapes(
     )
 
 
+CLIP_SPEC = EncoderSpec(
+    name="text encoder 2",
+    model_class=CLIPTextModel,
+    config_class=CLIPTextConfig,
+    subfolder="text_encoder_2",
+    expected=CLIP_EXPECTED,
+    required_keys=("embeddings.token_embedding.weight", "encoder.layers.0.mlp.fc1.weight"),
+    rename=lambda infos: _clip_rename,
+    config_from_shapes=clip_config_from_shapes,
+)
+
+
 def load_text_encoder2(
     path: str | os.PathLike, device: str | torch.device = "cpu", flag: str = "--text_encoder2"
 ) -> CLIPTextModel:
     """Load the CLIP-L text model from a Comfy / community single file or a snapshot folder (folder → float16)."""
-    logger.info("Loading text encoder 2 from %s", path)
-    files = resolve_weight_files(path, flag, subfolder="text_encoder_2")
-    infos = read_headers(files, flag)
-    shapes = {new: info.shape for key, info in infos.items() if (new := _clip_rename(key)) is not None}
-    _refuse_unless(
-        "embeddings.token_embedding.weight" in shapes and "encoder.layers.0.mlp.fc1.weight" in shapes,
-        infos,
-        flag,
-        path,
-        CLIP_EXPECTED,
-    )
-    folder = weight_folder(path, "text_encoder_2")
-    config_json = read_config_json(folder)
-    config = CLIPTextConfig.from_dict(config_json) if config_json else clip_config_from_shapes(shapes, flag, path)
-    dtype = torch.float16 if folder is not None else None
-    model = load_into_empty_model(CLIPTextModel, config, files, infos, _clip_rename, flag, path, CLIP_EXPECTED, dtype)
-    return model.to(device)
+    return load_encoder(CLIP_SPEC, path, flag).to(device)
 
 
 # --- encoding -----------------------------------------------------------------------------------------------------

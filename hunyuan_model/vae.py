@@ -12,7 +12,6 @@ overlapping tiles and blends the seams (close to, not equal to, an untiled pass)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,9 +22,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from hunyuan_model.frame_math import LATENT_CHANNELS, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from hunyuan_model.vae_blocks import DecoderCausal3D, EncoderCausal3D, Stride
 from utils.checkpoint_kinds import state_dict_mismatch, wrong_file_message
-from utils.safetensors_utils import WeightFileError, load_state_dict, read_headers, resolve_weight_files
+from utils.safetensors_utils import (
+    WeightFileError,
+    load_state_dict,
+    read_config_json,
+    read_headers,
+    resolve_weight_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +39,6 @@ logger = logging.getLogger(__name__)
 SCALING_FACTOR = 0.476986
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
-SPATIAL_COMPRESSION = 8
-TEMPORAL_COMPRESSION = 4
 LOGVAR_RANGE = (-30.0, 20.0)
 DEFAULT_TILE_SAMPLE_SIZE = 256  # px; FramePack always tiles, the latent tile is this // 8
 TILE_OVERLAP = 0.25
@@ -59,7 +63,7 @@ CONFIG_JSON_KEYS = ("norm_num_groups", "scaling_factor", "spatial_compression_ra
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
-    latent_channels: int = 16
+    latent_channels: int = LATENT_CHANNELS
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2  # encoder resnets per block; decoder blocks have one more
     mid_block_add_attention: bool = True
@@ -270,17 +274,10 @@ class AutoencoderKLCausal3D(nn.Module):
         return out
 
 
-def _read_config_json(file: str) -> dict | None:
-    path = os.path.join(os.path.dirname(file), "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        logger.warning(f"ignoring unreadable {path}: {e}")
-        return None
-    return config if isinstance(config, dict) and "latent_channels" in config else None
+def _vae_config_json(file: str, flag: str) -> dict | None:
+    """The config.json next to the weights, when it describes a VAE (a folder may hold other models' configs)."""
+    config = read_config_json(os.path.dirname(file), flag)
+    return config if config is not None and "latent_channels" in config else None
 
 
 def resolve_vae_files(path: str | os.PathLike, flag: str = "--vae") -> list[str]:
@@ -328,7 +325,7 @@ def _check_vae_shapes(shapes: dict[str, tuple[int, ...]], path: str, flag: str) 
     if any(k not in shapes for k in REQUIRED_KEYS):
         expected = "a HunyuanVideo VAE (keys like encoder.conv_in.conv.weight, decoder.conv_out.conv.weight)"
         raise WeightFileError(wrong_file_message(flag, path, expected, shapes))
-    config_json = _read_config_json(path)
+    config_json = _vae_config_json(path, flag)
     try:
         config = VAEConfig.from_shapes(shapes, config_json)
         with torch.device("meta"):

@@ -35,6 +35,7 @@ from dataset.caching import (
     ExpectedTensor,
     add_common_arguments,
     cache_file_problem,
+    check_common_arguments,
     dtype_name,
     expected_layout,
     remove_stale_files,
@@ -45,7 +46,6 @@ from dataset.config import DatasetConfigError, load_dataset_params
 from dataset.debug_view import DEBUG_MODES, show_datasets
 from dataset.image_video_dataset import ImageDataset, ItemInfo, VideoDataset, build_dataset_group
 from dataset.media import MediaError, latent_mask
-from frame_pack.sampling import LATENT_CHANNELS
 from frame_pack.sections import (
     CLEAN_1X_FRAMES,
     CLEAN_2X_FRAMES,
@@ -59,10 +59,11 @@ from frame_pack.sections import (
     one_frame_indices,
     plan_sections,
     section_target,
-    sections_in_latent,
 )
+from hunyuan_model.frame_math import LATENT_CHANNELS, latent_size, sections_in_latent
 from hunyuan_model.image_encoder import encode_image
-from hunyuan_model.vae import SPATIAL_COMPRESSION, encode_pixels, read_vae_config
+from hunyuan_model.vae import encode_pixels, read_vae_config
+from pipelines.flags import add_device_flag, add_f1_flag, add_model_path, add_vae_memory_flags
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
 from utils.cli import HelpFormatter
@@ -84,9 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "those files.",
     )
     add_common_arguments(parser)
-    parser.add_argument(
-        "--vae", type=str, default=None, help="HunyuanVideo VAE file or snapshot folder (required unless --debug_mode)"
-    )
+    add_device_flag(parser)
+    add_model_path(parser, "--vae", note="required unless --debug_mode")
     parser.add_argument(
         "--vae_dtype",
         type=str,
@@ -107,20 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     debug.add_argument("--console_num_images", type=int, default=None, help="debug console: items per dataset")
     vae = parser.add_argument_group("VAE memory")
     vae.add_argument("--vae_tiling", action="store_true", help="accepted; spatial tiling is always on for FramePack")
-    vae.add_argument("--vae_chunk_size", type=int, default=None, help="chunk size for the VAE's causal convolutions")
-    vae.add_argument(
-        "--vae_spatial_tile_sample_min_size",
-        type=int,
-        default=None,
-        help="VAE tile size in pixels; None: 256 (32 latent)",
-    )
+    add_vae_memory_flags(vae)
     fp = parser.add_argument_group("FramePack")
-    fp.add_argument("--image_encoder", type=str, required=True, help="SigLIP image encoder file or snapshot folder")
-    fp.add_argument(
-        "--f1",
-        action="store_true",
-        help="cache FramePack-F1 (forward-order) sections instead of inverted anti-drifting",
-    )
+    add_model_path(fp, "--image_encoder", required=True)
+    add_f1_flag(fp, note="decides the layout of the cached sections")
     fp.add_argument(
         "--one_frame",
         action="store_true",
@@ -213,7 +203,7 @@ class OneFrameSettings:
 
 def _latent_hw(item: ItemInfo) -> tuple[int, int]:
     height, width = item.content.shape[-3:-1]
-    return height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION
+    return latent_size(height, width)
 
 
 def expected_files(item: ItemInfo, f1: bool, one_frame: OneFrameSettings | None) -> list[tuple[str, dict]]:
@@ -348,10 +338,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.debug_mode is None and args.vae is None:
         raise CachingError("--vae is required (unless --debug_mode)")
-    for flag in ("batch_size", "num_workers"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise CachingError(f"--{flag} must be at least 1, got {value}")
+    check_common_arguments(args)
     if args.vae_tiling:
         logger.info("--vae_tiling has no effect: FramePack always tiles the VAE spatially")
 

@@ -29,6 +29,7 @@ from dataset.caching import (
     ExpectedTensor,
     add_common_arguments,
     cache_file_problem,
+    check_common_arguments,
     dtype_name,
     remove_stale_files,
     resolve_num_workers,
@@ -39,6 +40,7 @@ from dataset.image_video_dataset import ItemInfo, build_dataset_group
 from dataset.media import MediaError
 from hunyuan_model.text_encoder import LLAMA_PADDED_LENGTH
 from hunyuan_model.tokenizers import TokenizerUnavailableError
+from pipelines.flags import add_device_flag, add_fp8_llm_flag, add_model_path, add_tokenizer_flags
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
 from utils.device import resolve_device
@@ -58,29 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_arguments(parser)
-    parser.add_argument(
-        "--text_encoder1",
-        type=str,
-        required=True,
-        help="LLaMA text encoder: Comfy single file, first HF shard, or snapshot folder",
-    )
-    parser.add_argument(
-        "--text_encoder2", type=str, required=True, help="CLIP-L text encoder: single file or snapshot folder"
-    )
-    parser.add_argument("--fp8_llm", action="store_true", help="run text encoder 1 with float8_e4m3fn weights")
-    parser.add_argument(
-        "--tokenizer1",
-        type=str,
-        default=None,
-        help="LLaMA tokenizer folder (with tokenizer.json) or hub repo id; None: the text encoder's snapshot "
-        "folder, else hunyuanvideo-community/HunyuanVideo",
-    )
-    parser.add_argument(
-        "--tokenizer2",
-        type=str,
-        default=None,
-        help="CLIP tokenizer folder (with vocab.json and merges.txt) or hub repo id; None: as --tokenizer1",
-    )
+    add_device_flag(parser)
+    add_model_path(parser, "--text_encoder1", required=True)
+    add_model_path(parser, "--text_encoder2", required=True)
+    add_fp8_llm_flag(parser)
+    add_tokenizer_flags(parser)
     return parser
 
 
@@ -127,13 +111,6 @@ class TextEncoderCacher:
         save_cache_file(item.text_encoder_output_cache_path, tensors, metadata, item.item_key)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "num_workers"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise CachingError(f"--{flag} must be at least 1, got {value}")
-
-
 def check_model_paths(args: argparse.Namespace) -> None:
     """Fail on a missing text encoder before anything is loaded."""
     resolve_weight_files(args.text_encoder1, "--text_encoder1", subfolder="text_encoder")
@@ -141,7 +118,7 @@ def check_model_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    check_args(args)
+    check_common_arguments(args)
     logger.info(f"Load dataset config from {args.dataset_config}")
     datasets = build_dataset_group(load_dataset_params(args.dataset_config, args), seed=0).datasets
     check_model_paths(args)

@@ -15,8 +15,13 @@ import torch
 
 from dataset.media import MediaError, load_video
 from frame_pack.extend import MIN_INPUT_LATENT_FRAMES
-from frame_pack.sections import pixel_frames_for_latents
-from hunyuan_model.vae import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+from hunyuan_model.frame_math import (
+    SPATIAL_COMPRESSION,
+    TEMPORAL_COMPRESSION,
+    latent_size,
+    pixel_frames,
+    round_to_4n_plus_1,
+)
 from pipelines.latent_file import load_latent
 
 logger = logging.getLogger(__name__)
@@ -57,7 +62,7 @@ def _read_latent(path: str, height: int, width: int, flag: str) -> torch.Tensor:
     except Exception as e:  # a truncated or foreign file: safetensors / torch say why
         raise ExtendVideoError(f"{flag} {path}: cannot read a latent from it ({type(e).__name__}: {e})") from None
     _, frames, h, w = latent.shape  # load_latent refuses a channel count other than 16
-    expected = (height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+    expected = latent_size(height, width)
     if (h, w) != expected:
         raise ExtendVideoError(
             f"{flag} {path}: latent of {h}x{w} is for a {h * SPATIAL_COMPRESSION}x{w * SPATIAL_COMPRESSION} video, "
@@ -110,13 +115,13 @@ def read_extend_source(path: str, height: int, width: int, fps: int, flag: str =
         frames = np.stack(load_video(path, bucket_reso=(width, height)))
     except MediaError as e:
         raise ExtendVideoError(f"{flag} {e}") from None
-    minimum = pixel_frames_for_latents(MIN_INPUT_LATENT_FRAMES)
+    minimum = pixel_frames(MIN_INPUT_LATENT_FRAMES)
     if len(frames) < minimum:
         raise ExtendVideoError(
             f"{flag} {path}: {len(frames)} frame(s); extending needs at least {minimum} "
             f"({MIN_INPUT_LATENT_FRAMES} latent frames, one latent frame per {TEMPORAL_COMPRESSION} video frames)"
         )
-    keep = pixel_frames_for_latents((len(frames) - 1) // TEMPORAL_COMPRESSION + 1)
+    keep = round_to_4n_plus_1(len(frames))
     if keep < len(frames):
         logger.info(f"{flag} {path}: using the last {keep} of {len(frames)} frames (the VAE encodes 1 + 4k frames)")
     frames = frames[len(frames) - keep :]

@@ -26,17 +26,12 @@ from frame_pack import sections as S
 from frame_pack.extend import F1Extension, OriginalExtension, noise_draws_to_skip, resolve_context_frames
 from frame_pack.sampling import flow_match_x0_model, initial_noise, make_generator, sample_flow
 from frame_pack.timed_prompts import blend_schedule, blend_text_conditioning, is_timed_prompt, section_prompts
+from hunyuan_model.frame_math import latent_size
 from pipelines.extend_input import ExtendSource, ExtendVideoError, frames_to_pixels, read_extend_source
-from pipelines.generate_args import (
-    PromptLineError,
-    apply_prompt_line,
-    build_parser,
-    parse_prompt_line,
-    read_prompt_file,
-    validate_args,
-)
+from pipelines.generate_args import apply_prompt_line, build_parser, parse_prompt_line, validate_args
 from pipelines.latent_file import latent_metadata, load_latent, save_latent
 from pipelines.models import ModelCache, dit_dtype
+from pipelines.prompt_line import PromptLineError, read_prompt_file
 from pipelines.settings import GenerationSettings, ModelSettings
 from utils.device import resolve_device
 from utils.video_io import save_images, save_video, to_uint8_frames
@@ -288,7 +283,7 @@ def section_context(settings: GenerationSettings, inputs: PreparedInputs):
 def generate_one_frame(settings: GenerationSettings, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
     """One-frame inference: one noisy frame at `target_index`, control images as clean latents."""
     options = S.parse_one_frame_options(settings.one_frame_inference)
-    h, w = inputs.height // 8, inputs.width // 8
+    h, w = latent_size(inputs.height, inputs.width)
     controls = []
     for image, mask in zip(inputs.control_images, inputs.control_masks):
         latent = image.latent

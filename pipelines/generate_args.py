@@ -16,10 +16,20 @@ from frame_pack.extend import F1_CONTEXT_FRAMES, ORIGINAL_CONTEXT_FRAMES, resolv
 from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
 from frame_pack.sections import total_sections
 from frame_pack.timed_prompts import TimedPromptError, is_timed_prompt, section_prompts
-from hunyuan_model.tokenizers import DEFAULT_TOKENIZER_REPO
 from pipelines.extend_input import check_extend_video
+from pipelines.flags import (
+    add_blocks_to_swap_flag,
+    add_device_flag,
+    add_f1_flag,
+    add_fp8_llm_flag,
+    add_model_path,
+    add_section_flags,
+    add_tokenizer_flags,
+    add_vae_memory_flags,
+)
+from pipelines.prompt_line import LineOption, PromptLineError, parse_line_options
 from pipelines.settings import GenerationSettings, ModelSettings
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, check_positive
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
 
@@ -43,46 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     models = p.add_argument_group("models")
-    models.add_argument(
-        "--dit",
-        type=str,
-        default=None,
-        help="DiT: first shard, shard folder, snapshot folder or single .safetensors file",
-    )
-    models.add_argument("--vae", type=str, default=None, help="HunyuanVideo VAE file or snapshot folder")
-    models.add_argument(
-        "--text_encoder1",
-        type=str,
-        default=None,
-        help="LLaMA text encoder (Comfy single file, first HF shard or snapshot folder); required unless --latent_path",
-    )
-    models.add_argument(
-        "--text_encoder2",
-        type=str,
-        default=None,
-        help="CLIP-L text encoder file or snapshot folder; required unless --latent_path",
-    )
-    models.add_argument(
-        "--image_encoder",
-        type=str,
-        default=None,
-        help="SigLIP image encoder file or snapshot folder; required unless --latent_path",
-    )
-    models.add_argument(
-        "--tokenizer1",
-        type=str,
-        default=None,
-        help=f"LLaMA tokenizer: a local folder or hub id (default: the snapshot's tokenizer/ if "
-        f"--text_encoder1 is a snapshot, else {DEFAULT_TOKENIZER_REPO} subfolder tokenizer)",
-    )
-    models.add_argument(
-        "--tokenizer2",
-        type=str,
-        default=None,
-        help=f"CLIP tokenizer: a local folder or hub id (default: the snapshot's tokenizer_2/, else "
-        f"{DEFAULT_TOKENIZER_REPO} subfolder tokenizer_2)",
-    )
-    models.add_argument("--f1", action="store_true", help="FramePack-F1 sampling (vanilla, forward in time)")
+    add_model_path(models, "--dit", note="required unless --latent_path")
+    add_model_path(models, "--vae", note="required unless --output_type latent")
+    for flag in ("--text_encoder1", "--text_encoder2", "--image_encoder"):
+        add_model_path(models, flag, note="required unless --latent_path")
+    add_tokenizer_flags(models)
+    add_f1_flag(models)
 
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora_weight", type=str, nargs="*", default=None, help="LoRA files, merged in order")
@@ -138,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, default=GEN.fps, help="frames per second of the output video")
     gen.add_argument("--infer_steps", type=int, default=GEN.infer_steps, help="sampling steps per section")
     gen.add_argument("--seed", type=int, default=None, help="seed (random and printed when omitted)")
-    gen.add_argument(
-        "--latent_window_size", type=int, default=GEN.latent_window_size, help="latent frames generated per section"
-    )
+    add_section_flags(gen)
     gen.add_argument(
         "--embedded_cfg_scale", type=float, default=GEN.embedded_cfg_scale, help="distilled guidance scale"
     )
@@ -215,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem = p.add_argument_group("memory and speed")
     mem.add_argument("--fp8", action="store_true", help="store the DiT block weights in fp8")
     mem.add_argument("--fp8_scaled", action="store_true", help="fp8 with a per-tensor scale (better quality)")
-    mem.add_argument("--fp8_llm", action="store_true", help="run the LLaMA text encoder in fp8")
+    add_fp8_llm_flag(mem)
     mem.add_argument(
         "--teacache_thresh",
         type=float,
@@ -223,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="enable TeaCache with this threshold (upstream FramePack uses 0.15): skips the DiT blocks on steps "
         "whose input barely changed; faster, slightly different output; needs --guidance_scale 1 (not in musubi)",
     )
-    mem.add_argument("--device", type=str, default=None, help="device (default: cuda if available, else cpu)")
+    add_device_flag(mem)
     mem.add_argument(
         "--attn_mode",
         type=str,
@@ -231,20 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[m for m in ATTN_MODES if m != "flash3"],
         help="attention backend",
     )
-    mem.add_argument("--vae_chunk_size", type=int, default=None, help="VAE causal-conv chunk size (saves memory)")
-    mem.add_argument(
-        "--vae_spatial_tile_sample_min_size",
-        type=int,
-        default=None,
-        help="VAE spatial tile size in pixels (default tiling: 256)",
-    )
-    mem.add_argument("--bulk_decode", action="store_true", help="decode all latents in one VAE call")
-    mem.add_argument(
-        "--blocks_to_swap",
-        type=int,
-        default=MODEL.blocks_to_swap,
-        help=f"DiT blocks kept on the CPU (at most {MAX_BLOCKS_TO_SWAP_INFERENCE})",
-    )
+    add_vae_memory_flags(mem)
+    add_blocks_to_swap_flag(mem, MODEL.blocks_to_swap, MAX_BLOCKS_TO_SWAP_INFERENCE)
 
     out = p.add_argument_group("output")
     out.add_argument("--save_path", type=str, default=None, help="output folder (required)")
@@ -258,11 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--from_file", type=str, default=None, help="prompt file: one prompt per line")
     modes.add_argument("--interactive", action="store_true", help="read prompts from standard input")
     return p
-
-
-def _positive(name: str, value, allow_zero: bool = False):
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -287,15 +244,15 @@ def validate_args(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise ValueError(f"--sample_solver: {e}") from None
     check_video_size(args.video_size[0], args.video_size[1], "--video_size")
-    _positive("--infer_steps", args.infer_steps)
-    _positive("--latent_window_size", args.latent_window_size)
-    _positive("--fps", args.fps)
-    _positive("--video_seconds", args.video_seconds)
-    _positive("--video_sections", args.video_sections)
-    _positive("--blocks_to_swap", args.blocks_to_swap, allow_zero=True)
-    _positive("--teacache_thresh", args.teacache_thresh, allow_zero=True)
-    _positive("--vae_chunk_size", args.vae_chunk_size)
-    _positive("--vae_spatial_tile_sample_min_size", args.vae_spatial_tile_sample_min_size)
+    check_positive("--infer_steps", args.infer_steps)
+    check_positive("--latent_window_size", args.latent_window_size)
+    check_positive("--fps", args.fps)
+    check_positive("--video_seconds", args.video_seconds)
+    check_positive("--video_sections", args.video_sections)
+    check_positive("--blocks_to_swap", args.blocks_to_swap, allow_zero=True)
+    check_positive("--teacache_thresh", args.teacache_thresh, allow_zero=True)
+    check_positive("--vae_chunk_size", args.vae_chunk_size)
+    check_positive("--vae_spatial_tile_sample_min_size", args.vae_spatial_tile_sample_min_size)
     if args.blocks_to_swap > MAX_BLOCKS_TO_SWAP_INFERENCE:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: at most {MAX_BLOCKS_TO_SWAP_INFERENCE}")
     check_one_frame_options(args.one_frame_inference, "--one_frame_inference")
@@ -308,7 +265,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--lora_multiplier: give one value for all or one per LoRA ({len(args.lora_weight)}), got {len(mults)}"
             )
-    _positive("--prompt_blend_sections", args.prompt_blend_sections, allow_zero=True)
+    check_positive("--prompt_blend_sections", args.prompt_blend_sections, allow_zero=True)
     for flag in ("image_path", "end_image_path", "from_file"):
         check_image_spec(getattr(args, flag), f"--{flag}")
     settings = GenerationSettings.from_args(args)
@@ -381,55 +338,33 @@ def check_video_size(height: int, width: int, where: str) -> None:
 
 # ---- prompt lines ------------------------------------------------------------------------------------------------
 
-# inline option -> (GenerationSettings field, converter); `ci` and `cim` append.
+# Inline options of prompt-file and interactive lines; `--w`/`--h` each set one side of `video_size`.
 INLINE_OPTIONS = {
-    "w": ("video_size", int),
-    "h": ("video_size", int),
-    "f": ("video_seconds", float),
-    "d": ("seed", int),
-    "s": ("infer_steps", int),
-    "g": ("guidance_scale", float),
-    "l": ("guidance_scale", float),
-    "i": ("image_path", str),
-    "im": ("image_mask_path", str),
-    "n": ("negative_prompt", str),
-    "vs": ("video_sections", int),
-    "ei": ("end_image_path", str),
-    "ci": ("control_image_path", str),
-    "cim": ("control_image_mask_path", str),
-    "of": ("one_frame_inference", str),
-    "ev": ("extend_video", str),
+    "w": LineOption("video_size", int),
+    "h": LineOption("video_size", int),
+    "f": LineOption("video_seconds", float),
+    "d": LineOption("seed", int),
+    "s": LineOption("infer_steps", int),
+    "g": LineOption("guidance_scale", float),
+    "l": LineOption("guidance_scale", float),
+    "i": LineOption("image_path"),
+    "im": LineOption("image_mask_path"),
+    "n": LineOption("negative_prompt"),
+    "vs": LineOption("video_sections", int),
+    "ei": LineOption("end_image_path"),
+    "ci": LineOption("control_image_path", repeat=True),
+    "cim": LineOption("control_image_mask_path", repeat=True),
+    "of": LineOption("one_frame_inference"),
+    "ev": LineOption("extend_video"),
 }
-
-
-class PromptLineError(ValueError):
-    pass
 
 
 def parse_prompt_line(line: str) -> dict:
     """`prompt --w 832 --h 480 --d 42 ...` -> {'prompt': ..., option: value}. Unknown options are errors."""
-    parts = line.split(" --")
-    result: dict = {"prompt": parts[0].strip()}
-    if not result["prompt"]:
+    prompt, values = parse_line_options(line, INLINE_OPTIONS, strict=True)
+    if not prompt:
         raise PromptLineError("empty prompt")
-    for part in parts[1:]:
-        name, _, value = part.strip().partition(" ")
-        value = value.strip()
-        if name not in INLINE_OPTIONS:
-            known = " ".join(f"--{k}" for k in INLINE_OPTIONS)
-            raise PromptLineError(f"unknown option --{name} (known: {known})")
-        attr, convert = INLINE_OPTIONS[name]
-        if value == "":
-            raise PromptLineError(f"--{name} needs a value")
-        try:
-            converted = convert(value)
-        except ValueError:
-            raise PromptLineError(f"--{name} {value!r}: expected {convert.__name__}") from None
-        if name in ("ci", "cim"):
-            result.setdefault(name, []).append(converted)
-        else:
-            result[name] = converted
-    return result
+    return {"prompt": prompt, **values}
 
 
 def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSettings:
@@ -447,7 +382,7 @@ def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSetti
         elif name == "h":
             height = value
         else:
-            changes[INLINE_OPTIONS[name][0]] = value
+            changes[INLINE_OPTIONS[name].field] = value
     settings = base.replace(video_size=(height, width), **changes)
     check_video_size(height, width, "--w/--h")
     try:
@@ -461,18 +396,7 @@ def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSetti
         check_extension(settings, "--ev")
     except ValueError as e:
         raise PromptLineError(str(e)) from None
-    _positive("--s", settings.infer_steps)
-    _positive("--f", settings.video_seconds)
-    _positive("--vs", settings.video_sections)
+    check_positive("--s", settings.infer_steps)
+    check_positive("--f", settings.video_seconds)
+    check_positive("--vs", settings.video_sections)
     return settings
-
-
-def read_prompt_file(path: str) -> list[tuple[int, str]]:
-    """Non-empty, non-comment lines with their 1-based line numbers."""
-    lines = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                lines.append((number, line))
-    return lines

@@ -1,14 +1,12 @@
-"""Bucket lists and selection, the FramePack 640 table, and resize_image_to_bucket."""
+"""Bucket lists and selection, and resize_image_to_bucket."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
 
 from dataset.buckets import BucketSelector, resize_image_to_bucket
-from frame_pack.bucket_tools import bucket_options, find_nearest_bucket
 from tests.factory.datasets import image_pixels
 
 LISTED_640 = [
@@ -46,27 +44,6 @@ def test_no_upscale_and_disabled_bucketing():
     off = BucketSelector((640, 480), enable_bucket=False, no_upscale=True)
     assert off.bucket_resolutions == [(640, 480)] and off.no_upscale is False
     assert off.get_bucket_resolution((100, 1000)) == (640, 480)
-
-
-def _expected_nearest(h: int, w: int) -> tuple[int, int]:
-    """Independent reading of the rule: the smallest |h·bw − w·bh|, the last one when several tie."""
-    table = bucket_options[640]
-    metrics = [abs(h * bw - w * bh) for bh, bw in table]
-    return table[max(i for i, m in enumerate(metrics) if m == min(metrics))]
-
-
-@pytest.mark.parametrize(("h", "w"), [(1080, 1920), (1920, 1080), (512, 512), (480, 640), (100, 300), (777, 333)])
-def test_find_nearest_bucket_640(h, w):
-    assert find_nearest_bucket(h, w, 640) == _expected_nearest(h, w)
-
-
-def test_find_nearest_bucket_ties_go_to_the_later_entry():
-    # a square image is equally far from (608, 640) and (640, 608): the later one is chosen
-    assert find_nearest_bucket(640, 640) == (640, 608)
-    assert find_nearest_bucket(1080, 1920) == (480, 832)
-    assert len(bucket_options[640]) == 14
-    with pytest.raises(ValueError, match="no FramePack buckets"):
-        find_nearest_bucket(640, 640, resolution=512)
 
 
 def test_resize_same_size_is_unchanged():

@@ -18,6 +18,7 @@ from dataset.image_video_dataset import (
     batch_content_key,
     build_dataset_group,
 )
+from hunyuan_model.frame_math import latent_frames
 from tests.factory.datasets import write_config, write_fake_latent_cache, write_fake_text_cache
 from tests.factory.dims import CLIP_HIDDEN, LLAMA_HIDDEN, SIGLIP_HIDDEN
 
@@ -56,7 +57,7 @@ def test_section_count_and_trimming(frames, sections, aligned):
     assert cp.aligned_frame_count(frames, 9) == aligned
     paths = cp.video_section_cache_paths(f"/c/v_00000-{frames:03d}_0048x0032_fp.safetensors", frames, 9)
     assert len(paths) == max(1, sections)
-    assert cp.min_section_frames(9) == 37 and cp.latent_frame_count(73) == 19
+    assert cp.min_section_frames(9) == 37 and latent_frames(73) == 19
 
 
 def test_item_latent_cache_paths_per_section():

@@ -15,20 +15,17 @@ from frame_pack.sections import (
     f1_indices,
     history_for_section,
     inverted_indices,
-    latent_frames_for,
     new_history,
     one_frame_clean_latents,
     one_frame_indices,
     parse_latent_paddings,
     parse_one_frame_options,
     parse_section_spec,
-    pixel_frames_for_latents,
     plan_sections,
     resolve_latent_paddings,
     section_frames,
     section_latent_frames,
     section_target,
-    sections_in_latent,
     select_section_key,
     soft_append,
     soft_append_weights,
@@ -39,6 +36,7 @@ from frame_pack.sections import (
     video_pixel_frames,
     video_seconds_for_sections,
 )
+from hunyuan_model.frame_math import latent_frames, pixel_frames, sections_in_latent
 
 LWS = 9
 H = W = 2
@@ -89,7 +87,7 @@ def test_frame_counts():
     assert section_frames(9) == 33 and section_latent_frames(9) == 9
     assert section_latent_frames(5) == 5
     assert video_latent_frames(4, 9) == 37 and video_pixel_frames(4, 9) == 145
-    assert pixel_frames_for_latents(19) == 73 and latent_frames_for(73) == 19
+    assert pixel_frames(19) == 73 and latent_frames(73) == 19
     assert sections_in_latent(37, 9) == 4 and sections_in_latent(19, 9) == 2
     assert sections_in_latent(9, 9) == 0 and decode_sections(9, 9) == 1
     assert sections_in_latent(40, 9) == 4
@@ -204,7 +202,7 @@ def test_generation_reassembles_the_video(sections, f1):
     truth, result, _ = simulate_generation(sections, f1)
     assert result.shape[2] == video_latent_frames(sections, LWS) == LWS * sections + 1
     assert torch.equal(result, truth)
-    assert pixel_frames_for_latents(result.shape[2]) == 4 * LWS * sections + 1
+    assert pixel_frames(result.shape[2]) == 4 * LWS * sections + 1
 
 
 @pytest.mark.parametrize("f1", [False, True])
@@ -390,7 +388,7 @@ def test_decode_blending_length(sections):
     overlap = decode_overlap_frames(LWS)
     pixels = None
     for start, end in decode_chunk_ranges(latent_frames, LWS):
-        decoded = torch.zeros(1, 3, pixel_frames_for_latents(end - start), 1, 1)
+        decoded = torch.zeros(1, 3, pixel_frames(end - start), 1, 1)
         pixels = decoded if pixels is None else soft_append(decoded, pixels, overlap)
     assert pixels.shape[2] == video_pixel_frames(sections, LWS) == 4 * LWS * sections + 1
 

@@ -310,9 +310,9 @@ def _fake(path, keys):
 
 @pytest.fixture
 def no_tensor_loading(monkeypatch):
-    import hunyuan_model.text_encoder as te
+    import hunyuan_model.encoder_loader as loader_module
 
-    monkeypatch.setattr(te, "load_state_dict", lambda *a, **k: pytest.fail("tensors read before the check"))
+    monkeypatch.setattr(loader_module, "load_state_dict", lambda *a, **k: pytest.fail("tensors read before the check"))
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,17 @@ import sys
 import toml
 
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
+from pipelines.flags import (
+    add_blocks_to_swap_flag,
+    add_f1_flag,
+    add_fp8_llm_flag,
+    add_model_path,
+    add_section_flags,
+    add_tokenizer_flags,
+    add_vae_memory_flags,
+)
 from training.timesteps import DEFAULT_VALIDATION_TIMESTEPS, TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -249,13 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model precision and memory")
     g.add_argument("--fp8_base", action="store_true", help="store the DiT block Linear weights in fp8")
     g.add_argument("--fp8_scaled", action="store_true", help="fp8 with a per-tensor scale (needs --fp8_base)")
-    g.add_argument("--fp8_llm", action="store_true", help="LLaMA text encoder in fp8 (sample prompts only)")
-    g.add_argument(
-        "--blocks_to_swap",
-        type=int,
-        default=None,
-        help=f"DiT blocks kept on the CPU and streamed in (at most {MAX_BLOCKS_TO_SWAP_TRAINING}; CUDA)",
-    )
+    add_fp8_llm_flag(g, note="sample prompts only")
+    add_blocks_to_swap_flag(g, None, MAX_BLOCKS_TO_SWAP_TRAINING)
     g.add_argument("--img_in_txt_in_offloading", action="store_true", help="accepted; unused by FramePack")
 
     g = p.add_argument_group("flow matching and timesteps")
@@ -375,29 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--async_upload", action="store_true", help="upload in the background (not the final save)")
 
     g = p.add_argument_group("models")
-    g.add_argument("--dit", type=str, default=None, help="FramePack DiT file, first shard or folder (required)")
-    g.add_argument("--vae", type=str, default=None, help="HunyuanVideo VAE (sampling)")
+    add_model_path(g, "--dit", note="required")
+    add_model_path(g, "--vae", note="for sampling")
     g.add_argument("--vae_dtype", type=str, default=None, help=f"must be {VAE_DTYPE} or omitted")
-    g.add_argument("--text_encoder1", type=str, default=None, help="LLaMA text encoder (sample prompts)")
-    g.add_argument("--text_encoder2", type=str, default=None, help="CLIP-L text encoder (sample prompts)")
-    g.add_argument(
-        "--tokenizer1",
-        type=str,
-        default=None,
-        help="LLaMA tokenizer folder or hub id (None: next to --text_encoder1, else the HunyuanVideo repo)",
-    )
-    g.add_argument("--tokenizer2", type=str, default=None, help="CLIP tokenizer folder or hub id (as --tokenizer1)")
-    g.add_argument("--vae_chunk_size", type=int, default=None, help="VAE causal-conv chunk size (sampling)")
-    g.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None, help="VAE tile size (sampling)")
-    g.add_argument(
-        "--image_encoder",
-        type=str,
-        default=None,
-        help="SigLIP image encoder (sampling; required with --sample_prompts, not otherwise)",
-    )
-    g.add_argument("--latent_window_size", type=int, default=9, help="latent window of samples (match the caches)")
-    g.add_argument("--bulk_decode", action="store_true", help="decode all sample frames at once")
-    g.add_argument("--f1", action="store_true", help="samples use FramePack-F1 forward sampling")
+    for flag in ("--text_encoder1", "--text_encoder2", "--image_encoder"):
+        add_model_path(g, flag, note="required with --sample_prompts")
+    add_tokenizer_flags(g)
+    add_vae_memory_flags(g)
+    add_section_flags(g, note="of the samples; match the caches")
+    add_f1_flag(g, note="of the samples")
     g.add_argument("--one_frame", action="store_true", help="samples use one-frame inference (prompt --of options)")
     return p
 
@@ -453,16 +443,12 @@ def attention_mode(args: argparse.Namespace) -> str:
 
 def _non_negative(args: argparse.Namespace, *names: str) -> None:
     for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise ValueError(f"--{name} must be >= 0, got {value}")
+        check_positive(f"--{name}", getattr(args, name), allow_zero=True)
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name} must be > 0, got {value}")
+        check_positive(f"--{name}", getattr(args, name))
 
 
 def validate_args(args: argparse.Namespace) -> None:

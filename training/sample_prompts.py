@@ -18,16 +18,16 @@ import argparse
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 
 import torch
 
-from dataset.cache_paths import section_count
+from hunyuan_model.frame_math import pixel_frames, round_to_4n_plus_1, sections_in_clip
 from pipelines import generate as G
 from pipelines.generate_args import check_video_size
 from pipelines.models import ModelCache
+from pipelines.prompt_line import LineOption, parse_line_options, read_prompt_file
 from pipelines.settings import GenerationSettings, ModelSettings
 from training.rng import preserved_rng
 from utils.device import clean_memory
@@ -55,51 +55,34 @@ MODEL_FLAGS = (
     "vae_spatial_tile_sample_min_size",
 )
 
-# Inline options of a prompt line: option -> (key, converter). `ci` appends.
+# Inline options of a sample prompt line.
 LINE_OPTIONS = {
-    "w": ("width", int),
-    "h": ("height", int),
-    "f": ("frame_count", int),
-    "d": ("seed", int),
-    "s": ("sample_steps", int),
-    "g": ("guidance_scale", float),
-    "fs": ("discrete_flow_shift", float),
-    "l": ("cfg_scale", float),
-    "n": ("negative_prompt", str),
-    "i": ("image_path", str),
-    "cn": ("control_video_path", str),
-    "ci": ("control_image_path", str),
-    "of": ("one_frame", str),
+    "w": LineOption("width", int),
+    "h": LineOption("height", int),
+    "f": LineOption("frame_count", int),
+    "d": LineOption("seed", int),
+    "s": LineOption("sample_steps", int),
+    "g": LineOption("guidance_scale", float),
+    "fs": LineOption("discrete_flow_shift", float),
+    "l": LineOption("cfg_scale", float),
+    "n": LineOption("negative_prompt"),
+    "i": LineOption("image_path"),
+    "cn": LineOption("control_video_path"),
+    "ci": LineOption("control_image_path", repeat=True),
+    "of": LineOption("one_frame"),
 }
-_OPTION = re.compile(r"^(?P<name>[a-z]+) (?P<value>.+)$", re.IGNORECASE | re.DOTALL)
 
 
 def parse_prompt_line(line: str) -> dict:
     """`a cat --w 256 --h 256 --d 1 --i start.png` -> {'prompt': 'a cat', 'width': 256, ...}.
 
-    Options are matched case-insensitively; an unknown option or a bad number is logged and skipped, as in the
-    reference. `--s` is clamped to 1..1000.
+    Options are matched case-insensitively; an unknown option or a bad number is logged and ignored, as
+    musubi-tuner does. `--s` is clamped to 1..1000.
     """
-    parts = line.split(" --")
-    prompt: dict = {"prompt": parts[0].strip()}
-    for part in parts[1:]:
-        match = _OPTION.match(part.strip())
-        name = match["name"].lower() if match else None
-        if name not in LINE_OPTIONS:
-            logger.error(f"sample prompt option --{part.strip()!r} not understood; ignored")
-            continue
-        key, convert = LINE_OPTIONS[name]
-        try:
-            value = convert(match["value"].strip())
-        except ValueError:
-            logger.error(f"sample prompt option --{part.strip()}: expected {convert.__name__}; ignored")
-            continue
-        if name == "ci":
-            prompt.setdefault(key, []).append(value)
-        elif name == "s":
-            prompt[key] = max(1, min(MAX_STEPS, value))
-        else:
-            prompt[key] = value
+    text, values = parse_line_options(line, LINE_OPTIONS, strict=False, ignore_case=True)
+    prompt: dict = {"prompt": text}
+    for name, value in values.items():
+        prompt[LINE_OPTIONS[name].field] = max(1, min(MAX_STEPS, value)) if name == "s" else value
     return prompt
 
 
@@ -107,8 +90,7 @@ def load_prompts(path: str) -> list[dict]:
     """Prompts of a .txt (one per line, `#` comments), .toml (`[prompt]` shared keys + `[[prompt.subset]]`) or
     .json (list of strings or dicts) file, each with `enum` = its position."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            prompts: list = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        prompts: list = [line for _, line in read_prompt_file(path)]
     elif path.endswith(".toml"):
         import toml
 
@@ -179,12 +161,12 @@ def generation_settings(args: argparse.Namespace, prompt: dict) -> GenerationSet
     )
     if args.one_frame:
         return settings.replace(one_frame_inference=prompt.get("one_frame") or "default")
-    frames = (prompt.get("frame_count", DEFAULT_FRAME_COUNT) - 1) // 4 * 4 + 1
-    sections = section_count(frames, args.latent_window_size)
+    frames = round_to_4n_plus_1(prompt.get("frame_count", DEFAULT_FRAME_COUNT))
+    sections = sections_in_clip(frames, args.latent_window_size)
     if sections < 1:
         logger.warning(
             f"{where}: {frames} frames make no section of {args.latent_window_size} latent frames "
-            f"(give --f {args.latent_window_size * 4 + 1} or more, or train with --one_frame); it is skipped"
+            f"(give --f {pixel_frames(1 + args.latent_window_size)} or more, or train with --one_frame); it is skipped"
         )
         return None
     return settings.replace(video_sections=sections)

@@ -229,3 +229,21 @@ def write_atomically(path: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_config_json(folder: str | os.PathLike | None, flag: str | None = None) -> dict | None:
+    """`folder/config.json` as a dict; None when `folder` is None or has no config.json. A config.json that is not
+    a readable JSON object is refused, naming the flag and the file."""
+    if folder is None:
+        return None
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightFileError(f"{_where(flag)}{path}: unreadable config.json ({e})") from e
+    if not isinstance(config, dict):
+        raise WeightFileError(f"{_where(flag)}{path}: config.json holds a {type(config).__name__}, not an object")
+    return config

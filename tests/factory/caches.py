@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from frame_pack.sampling import LATENT_CHANNELS
+from hunyuan_model.frame_math import LATENT_CHANNELS
 from tests.factory.datasets import write_config, write_fake_latent_cache, write_fake_text_cache
 from tests.factory.dims import SIGLIP_HIDDEN
 
