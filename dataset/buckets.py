@@ -36,7 +36,7 @@ class BucketSelector:
         else:
             self.no_upscale = no_upscale
             side = int(math.sqrt(self.bucket_area))
-            # the reference starts at 0 for areas below 32x32 and divides by zero; start at one step instead
+            # musubi-tuner starts at 0 for areas below 32x32 and divides by zero; start at one step instead
             first = max(divisible_by(side // 2, RESOLUTION_STEP), RESOLUTION_STEP)
             buckets = set()
             for w in range(first, side + RESOLUTION_STEP, RESOLUTION_STEP):
@@ -61,9 +61,9 @@ def resize_image_to_bucket(image: Image.Image | np.ndarray, bucket_reso: tuple[i
     Upscaling uses PIL LANCZOS, downscaling OpenCV INTER_AREA; new sides are int(side·scale + 0.5). Returns a
     uint8 HWC array with the input's channels (RGB, RGBA, ...).
 
-    The reference skips scaling whenever one side already matches, which leaves the other side too small when it
-    is shorter than the bucket (defect 14); here the image is always scaled to cover. When one side matches and
-    the other is longer the scale is 1 and both agree (crop only).
+    musubi-tuner at 1c0edc5 skips scaling whenever one side already matches, which leaves the other side too small
+    when it is shorter than the bucket (fixed there later); here the image is always scaled to cover. When one side
+    matches and the other is longer the scale is 1 and both agree (crop only).
     """
     is_pil = isinstance(image, Image.Image)
     width, height = image.size if is_pil else (image.shape[1], image.shape[0])

@@ -37,7 +37,7 @@ class CachingError(ValueError):
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags both caching scripts take, with the reference's names and defaults."""
+    """Flags both caching scripts take, with musubi-tuner's names and defaults."""
     parser.add_argument("--dataset_config", type=str, required=True, help="dataset config file (.toml or .json)")
     parser.add_argument(
         "--batch_size",

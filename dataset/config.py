@@ -67,7 +67,7 @@ def _int(minimum: int) -> Callable[[Any], int]:
 
 
 def _positive_float(value: Any) -> float:
-    # strict like the reference: integers are refused, so `source_fps = 30` must be written 30.0
+    # strict like musubi-tuner: integers are refused, so `source_fps = 30` must be written 30.0
     if not isinstance(value, float):
         hint = f" (write {value}.0)" if _is_int(value) else ""
         raise _Invalid(f"a float, got {_type_name(value)} {value!r}{hint}")
@@ -112,7 +112,7 @@ def _frame_extraction(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# schema: the reference's keys and types (plus `fp_latent_window_size` on video datasets, see VIDEO_KEYS)
+# schema: musubi-tuner's keys and types (plus `fp_latent_window_size` on video datasets, see VIDEO_KEYS)
 
 GENERAL_KEYS: dict[str, Callable[[Any], Any]] = {
     "resolution": _resolution,
@@ -133,7 +133,7 @@ IMAGE_KEYS: dict[str, Callable[[Any], Any]] = {
     "fp_1f_target_index": _int(0),
     "fp_1f_no_post": _bool,
 }
-# the reference's video schema lacks fp_latent_window_size although its docs use it there (fixed upstream later)
+# musubi-tuner's video schema lacks fp_latent_window_size although its docs use it there (fixed upstream later)
 VIDEO_KEYS: dict[str, Callable[[Any], Any]] = {
     **GENERAL_KEYS,
     "video_directory": _str,

@@ -215,7 +215,7 @@ def _jsonl_image_controls(row: dict, where: str) -> list[str]:
 def image_jsonl_source(image_jsonl_file: str, control_count: int = 1) -> Datasource:
     """Images listed in a JSONL file: `image_path`, `caption`, optional `control_path` / `control_path_<n>`.
 
-    The reference fails on every image JSONL file at 1c0edc5 (a broken sort call); this is the intended reading.
+    musubi-tuner fails on every image JSONL file at 1c0edc5 (a broken sort call); this is the intended reading.
     """
     entries = []
     for number, row in _read_jsonl(image_jsonl_file, "image_jsonl_file"):

@@ -1,12 +1,12 @@
 """`--debug_mode` of the latent caching script: look at what would be cached instead of encoding it.
 
-The reference opens OpenCV windows (`image`) or waits for key presses (`console`). This project never blocks:
+musubi-tuner opens OpenCV windows (`image`) or waits for key presses (`console`). This project never blocks:
 - `image`: writes PNG files next to each would-be cache path: `<cache name>_debug.png` for an image (plus
   `_debug_control<i>.png` per control image), `_debug_first.png` and `_debug_last.png` for a video crop;
 - `console`: prints an ASCII rendering `--console_width` characters wide (at most `--console_num_images` items per
-  dataset when given); `--console_back` is accepted and ignored, as in the reference;
+  dataset when given); `--console_back` is accepted and ignored, as in musubi-tuner;
 - `video`: writes `<cache name>.jpg` for an image and `<cache name>.mp4` for a video crop (H.264, yuv420p,
-  1 Mbit/s, 16 fps), as the reference does.
+  1 Mbit/s, 16 fps), as musubi-tuner does.
 Every batch is summarised in the log (bucket key, item count, items).
 """
 
@@ -90,7 +90,7 @@ def show_datasets(
     if mode not in DEBUG_MODES:
         raise ValueError(f"--debug_mode must be one of {', '.join(DEBUG_MODES)}, got {mode!r}")
     if console_back is not None:
-        logger.info("--console_back is ignored (as in the reference)")
+        logger.info("--console_back is ignored (as in musubi-tuner)")
     for index, dataset in enumerate(datasets):
         logger.info(f"[Dataset {index}] debug mode {mode}")
         shown = 0

@@ -18,7 +18,7 @@ TARGET_FPS = 30.0  # FramePack's frame rate; `source_fps` converts to it
 def round_target_frames(target_frames: Iterable[int]) -> tuple[int, ...]:
     """Sorted, de-duplicated `target_frames`, each rounded down to 4n+1 (warns if anything changed).
 
-    The reference does not de-duplicate after rounding, so [25, 26] gave two identical crops writing the same
+    musubi-tuner does not de-duplicate after rounding, so [25, 26] gave two identical crops writing the same
     cache file; here the rounded list is de-duplicated too.
     """
     requested = sorted(set(target_frames))
@@ -36,7 +36,7 @@ def frame_crops(
     frame_sample: int = 1,
     max_frames: int = 129,
 ) -> list[tuple[int, int]]:
-    """(start, length) crops of a video of `frame_count` frames, in the reference's order.
+    """(start, length) crops of a video of `frame_count` frames, in musubi-tuner's order.
 
     head: (0, T) per target T; chunk: consecutive non-overlapping T-frame pieces; slide: starts every
     `frame_stride` frames; uniform: `frame_sample` starts spread evenly (truncated linspace); full: one crop of

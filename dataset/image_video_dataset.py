@@ -50,7 +50,7 @@ from dataset.media import load_video
 logger = logging.getLogger(__name__)
 
 VALIDATION_SPLIT_SEED = 0  # the fixed draw of --validation_split, independent of --seed
-UNPREPARED_LENGTH = 100  # what a training dataset reports before prepare_for_training (the reference's dummy)
+UNPREPARED_LENGTH = 100  # what a training dataset reports before prepare_for_training (musubi-tuner's dummy)
 
 
 @dataclass
@@ -475,7 +475,7 @@ class VideoDataset(BaseDataset):
         return (*bucket_reso, frame_count, self.fp_latent_window_size)
 
     def _training_bucket_key(self, name: cache_paths.LatentCacheName) -> tuple:
-        # The size in a video cache name is already the bucketed frame size, so it is used as is. The reference
+        # The size in a video cache name is already the bucketed frame size, so it is used as is. musubi-tuner
         # re-buckets it with the training settings, which with enable_bucket=false put differently sized latents
         # in one bucket (caching always buckets videos) and failed to stack them.
         return (*name.size, name.frame_count)
@@ -586,7 +586,7 @@ def build_dataset_group(params: list[DatasetParams], training: bool = False, see
     """Datasets of a resolved config, all sharing one shuffle seed; with `training`, caches are discovered now.
 
     Without `seed` it is drawn as random.randint(0, 2**31) from the global generator, which the trainer has
-    seeded with --seed just before, as the reference does.
+    seeded with --seed just before, as musubi-tuner does.
     """
     datasets = [make_dataset(p) for p in params]
     for index, dataset in enumerate(datasets):

@@ -40,7 +40,7 @@ def _optional_image_extensions() -> list[str]:
 
 _IMAGE_BASE = [".png", ".jpg", ".jpeg", ".webp", ".bmp"]
 _VIDEO_BASE = [".mp4", ".webm", ".avi", ".mkv", ".mov", ".flv", ".wmv", ".m4v", ".mpg", ".mpeg"]
-# exact suffixes (lower- and upper-case spellings only, as the reference globs them)
+# exact suffixes (lower- and upper-case spellings only, as musubi-tuner globs them)
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(_IMAGE_BASE + [e.upper() for e in _IMAGE_BASE] + _optional_image_extensions())
 VIDEO_EXTENSIONS: tuple[str, ...] = tuple(_VIDEO_BASE + [e.upper() for e in _VIDEO_BASE])
 
@@ -107,7 +107,7 @@ def fps_target_indices(source_fps: float | None, target_fps: float | None) -> It
     """For each source frame in turn: its frame index after conversion to `target_fps`, or None when dropped.
 
     A running fractional index starts at 0.0 and grows by target_fps/source_fps per source frame; a frame whose
-    floor equals the previously accepted index is dropped. The float accumulation is the reference's, kept as is.
+    floor equals the previously accepted index is dropped. The float accumulation is musubi-tuner's, kept as is.
     Without both rates every frame is kept with its own index.
     """
     index = 0

@@ -1,6 +1,6 @@
 """Block swap (`--blocks_to_swap`): keep some transformer blocks' weights on the CPU and stream them in.
 
-Follows the reference's schedule. For a stack of `num` blocks with `swap` swapped: before a forward, blocks
+Follows musubi-tuner's schedule. For a stack of `num` blocks with `swap` swapped: before a forward, blocks
 [0, num-swap) hold their weights on the device and the rest on the CPU. After block i (i < swap) finishes, block i's
 weights go out and block num-swap+i's weights come in, on a worker thread, so the transfer overlaps compute; a block
 waits for its own pending transfer before it runs. Backward (training) mirrors this in reverse order.

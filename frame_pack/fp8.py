@@ -1,7 +1,7 @@
 """fp8 storage of the DiT's block Linear weights (`--fp8_scaled`, and `--fp8` alone).
 
 `--fp8_scaled` quantizes each target weight with one scale per tensor (max|W| / 448) into float8_e4m3fn and keeps the
-scale as `<module>.scale_weight` (shape (1,), original dtype). `--fp8` without `--fp8_scaled` crashes in the reference
+scale as `<module>.scale_weight` (shape (1,), original dtype). `--fp8` without `--fp8_scaled` crashes in musubi-tuner
 (it meant to cast the whole DiT to fp8); here it stores the same target weights as plain fp8 casts (no scale), which
 is what that cast does to them, while norms, embedders and modulation layers keep their precision so the model runs.
 Either way the patched forward dequantizes to the activations' dtype: linear(x, W_fp8 · scale, bias).
@@ -60,7 +60,7 @@ def apply_fp8(
 ) -> int:
     """Quantize the target Linear weights in place and patch their forward; returns how many were converted.
 
-    Each weight is quantized on `device` (the GPU, as the reference does: fast) and then kept there when
+    Each weight is quantized on `device` (the GPU, as musubi-tuner does: fast) and then kept there when
     `keep_on_device`, else returned to where it was (e.g. the CPU for block swap).
     """
     count = 0

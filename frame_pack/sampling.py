@@ -4,7 +4,7 @@ k-diffusion conventions: a model callable ``model_x0(x, sigma) -> x0`` where ``s
 schedule ``sigmas`` of length steps+1 that decreases from 1 to 0. The network predicts the flow velocity
 v = noise - x0 for x_sigma = (1 - sigma) * x0 + sigma * noise, so x0 = x_sigma - sigma * v.
 
-Numerics follow the reference exactly (so a shared seed gives the same video): noise, schedule and solver state in
+Numerics follow musubi-tuner exactly (so a shared seed gives the same video): noise, schedule and solver state in
 fp32; network input, timestep and distilled guidance rounded to the model dtype (bf16); network output in fp32.
 """
 
@@ -30,7 +30,7 @@ T_SCALE = 1000.0  # sigma -> model timestep; also the distilled-guidance multipl
 UNIPC_MAX_ORDER = 3
 UNIPC_VARIANTS = ("bh1", "bh2")
 
-SAMPLE_SOLVERS = ("unipc", "dpm++", "vanilla")  # accepted by the reference's parser
+SAMPLE_SOLVERS = ("unipc", "dpm++", "vanilla")  # accepted by musubi-tuner's parser
 IMPLEMENTED_SAMPLE_SOLVERS = ("unipc",)
 
 ModelX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,7 +42,7 @@ ModelX0 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def validate_sample_solver(name: str) -> str:
     """Return ``name`` if it is an implemented solver; raise ValueError otherwise (scripts call this at parse time)."""
     if name not in IMPLEMENTED_SAMPLE_SOLVERS:
-        known = "accepted by the reference but not implemented" if name in SAMPLE_SOLVERS else "unknown"
+        known = "accepted by musubi-tuner but not implemented" if name in SAMPLE_SOLVERS else "unknown"
         raise ValueError(f"sample solver {name!r} is {known}; implemented: {', '.join(IMPLEMENTED_SAMPLE_SOLVERS)}")
     return name
 
@@ -155,7 +155,7 @@ def flow_match_x0_model(
     latents and their indices). The network is called as ``model(hidden_states=, timestep=, guidance=, **text,
     **shared)``; the negative call happens only when ``guidance_scale != 1``.
 
-    As in the reference, x0 is computed from the model-dtype copy of x: x0 = float(bf16(x)) - v * sigma.
+    As in musubi-tuner, x0 is computed from the model-dtype copy of x: x0 = float(bf16(x)) - v * sigma.
     """
     shared = dict(shared or {})
     if guidance_scale != 1.0 and negative is None:

@@ -36,7 +36,7 @@ from hunyuan_model.frame_math import (
 
 logger = logging.getLogger(__name__)
 
-SECTION_COUNT_FPS = 30  # the reference converts seconds to sections at 30 fps whatever --fps says
+SECTION_COUNT_FPS = 30  # musubi-tuner converts seconds to sections at 30 fps whatever --fps says
 CLEAN_1X_FRAMES = 1  # clean latent "post" (inverted) / "1x" (F1)
 CLEAN_2X_FRAMES = 2
 CLEAN_4X_FRAMES = 16
@@ -71,7 +71,7 @@ def total_sections(video_seconds: float, latent_window_size: int, video_sections
 
 
 def video_seconds_for_sections(sections: int, latent_window_size: int, fps: int) -> float:
-    """Length the reference records for ``--video_sections`` ((sections*lws*4 + 1) / fps), e.g. for metadata."""
+    """Length musubi-tuner records for ``--video_sections`` ((sections*lws*4 + 1) / fps), e.g. for metadata."""
     return (sections * (latent_window_size * TEMPORAL_COMPRESSION) + 1) / fps
 
 
@@ -94,7 +94,8 @@ def section_start_seconds(section_index: int, latent_window_size: int, fps: int)
 def decode_sections(latent_frames: int, latent_window_size: int) -> int:
     """Sections the sectioned decode must walk for a latent of ``latent_frames`` frames (at least 1).
 
-    The chunking follows the sections actually generated, not the raw ``--video_seconds`` flag (reference defect 6).
+    The chunking follows the sections actually generated; musubi-tuner chunks by ``--video_seconds`` even when
+    ``--video_sections`` set the length, which mis-splits the decode.
     """
     return max(sections_in_latent(latent_frames, latent_window_size), 1)
 
@@ -129,7 +130,7 @@ def resolve_latent_paddings(sections: int, user_paddings: Sequence[int] | None =
     """Paddings per generated section (generation order) after applying a user override.
 
     Equal length: used as is. Longer: the first ``sections`` values. Shorter: they replace the head of the default
-    list and the remaining sections keep their defaults, for any section count (the reference crashed for <= 4).
+    list and the remaining sections keep their defaults, for any section count (musubi-tuner crashed for <= 4).
     """
     paddings = default_latent_paddings(sections)
     if user_paddings is None:

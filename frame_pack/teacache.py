@@ -1,6 +1,6 @@
 """TeaCache for the packed DiT: skip the transformer blocks on steps whose input barely changed.
 
-The FramePack model carries this in the reference (and upstream FramePack turns it on by default, threshold 0.15)
+The FramePack model carries this in musubi-tuner (and upstream FramePack turns it on by default, threshold 0.15)
 but musubi's CLI does not expose it; here it is `--teacache_thresh`. Per sampling step the first double block's
 modulated image input is compared with the previous step's; the rescaled relative L1 change is accumulated, and
 while the sum stays under the threshold the blocks are skipped and the image tokens get the residual the blocks

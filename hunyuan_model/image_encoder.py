@@ -1,7 +1,7 @@
 """SigLIP image encoder (the FLUX.1 Redux `image_encoder`) and its fixed preprocessing.
 
 FramePack conditions every section on the SigLIP `last_hidden_state` of the start image (post-layernorm, before the
-attention-pooling head). The preprocessing is the reference's `SiglipImageProcessor` configuration written out as
+attention-pooling head). The preprocessing is musubi-tuner's `SiglipImageProcessor` configuration written out as
 code, so nothing is fetched from a hub: bicubic resize to 384×384 (no aspect keeping, no crop), ×1/255, then
 (x − 0.5) / 0.5 per channel.
 """
@@ -38,7 +38,7 @@ SIGLIP_EXPECTED = (
 
 
 def preprocess_image(image: np.ndarray) -> torch.Tensor:
-    """uint8 HWC RGB → float32 (1, 3, 384, 384) in [−1, 1], numerically as the reference's image processor."""
+    """uint8 HWC RGB → float32 (1, 3, 384, 384) in [−1, 1], numerically as musubi-tuner's image processor."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError("the image encoder takes a uint8 numpy array of shape (H, W, 3) in RGB order")
     resized = Image.fromarray(image).resize((SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE), resample=SIGLIP_RESAMPLE)

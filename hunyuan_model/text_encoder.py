@@ -1,6 +1,6 @@
 """Text encoder 1 (LLaMA, llava-llama-3-8b text part) and text encoder 2 (CLIP-L text model) for FramePack.
 
-Encoding follows the reference: the prompt goes into the HunyuanVideo video template for LLaMA, the third-from-last
+Encoding follows musubi-tuner: the prompt goes into the HunyuanVideo video template for LLaMA, the third-from-last
 hidden state is kept from the end of the template's system part on, and padded to 512 with a bool mask; CLIP gets
 the raw prompt and gives its pooled output.
 
@@ -130,7 +130,7 @@ def load_text_encoder1(
 ) -> LlamaModel:
     """Load the LLaMA text encoder from a Comfy single file, the first of the HF split files, or a snapshot folder.
 
-    Files keep their dtype; a folder is loaded as float16 (the reference uses `from_pretrained(torch_dtype=fp16)`).
+    Files keep their dtype; a folder is loaded as float16 (musubi-tuner uses `from_pretrained(torch_dtype=fp16)`).
     """
     model = load_encoder(LLAMA_SPEC, path, flag)
     if fp8_llm:
@@ -151,7 +151,7 @@ def _rms_norm_fp8_forward(module: torch.nn.Module):
 
 
 def apply_fp8_llm(model: LlamaModel, device: str | torch.device = "cpu") -> LlamaModel:
-    """`--fp8_llm`: everything (weights and buffers, as the reference does) to float8_e4m3fn, embeddings back.
+    """`--fp8_llm`: everything (weights and buffers, as musubi-tuner does) to float8_e4m3fn, embeddings back.
 
     Matmuls then run under autocast in the embeddings' dtype, which upcasts the fp8 weights per op (CUDA and CPU
     alike). RMSNorm's own forward would multiply an fp8 weight with a half tensor, so it is replaced by one that

@@ -1,6 +1,6 @@
 """Tokenizers of the two text encoders, loaded offline-first.
 
-The reference always downloads them from `hunyuanvideo-community/HunyuanVideo` (subfolders `tokenizer` and
+musubi-tuner always downloads them from `hunyuanvideo-community/HunyuanVideo` (subfolders `tokenizer` and
 `tokenizer_2`). Here a local folder (`--tokenizer1` / `--tokenizer2`, or the `tokenizer/` / `tokenizer_2/` folder of
 a snapshot given as the text encoder) is used without any network access, and the hub is only asked when nothing local
 is available. When the hub cannot be reached the error says which files to fetch and which flag takes the folder.
@@ -138,7 +138,7 @@ def _download(repo: str, kind: TokenizerKind) -> Path:
 
 def resolve_tokenizer_folder(value: str | None, kind: TokenizerKind, encoder_path: str | os.PathLike | None) -> Path:
     """Where to read the tokenizer from: the flag's value (local folder or hub id), else the text encoder's snapshot,
-    else the reference's hub repo."""
+    else musubi-tuner's hub repo."""
     if value:
         p = Path(value).expanduser()
         if p.is_file():  # e.g. the path of tokenizer.json itself

@@ -5,7 +5,7 @@ the posterior sample scaled by 0.476986. Accepted for `--vae`: the official Huny
 hunyuanvideo-community `vae/diffusion_pytorch_model.safetensors`, and a snapshot folder holding `vae/`. All share
 one key layout; the config is read from tensor shapes, and what shapes cannot reveal is the constants below.
 
-Memory options (both keep the reference's results): `chunk_size` convolves wide inputs in column chunks (exact);
+Memory options (both keep musubi-tuner's results): `chunk_size` convolves wide inputs in column chunks (exact);
 spatial tiling, always on as in FramePack (256 px / 32 latent tiles unless set), runs the encoder or decoder on
 overlapping tiles and blends the seams (close to, not equal to, an untiled pass).
 """
@@ -122,7 +122,7 @@ class VAEConfig:
 
 
 def _blend_rows(above: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
-    """Fade the first rows of `tile` in from the last rows of the tile above (in place), as the reference does."""
+    """Fade the first rows of `tile` in from the last rows of the tile above (in place), as musubi-tuner does."""
     extent = min(above.shape[-2], tile.shape[-2], extent)
     for y in range(extent):
         tile[..., y, :] = above[..., y - extent, :] * (1 - y / extent) + tile[..., y, :] * (y / extent)
@@ -190,7 +190,7 @@ class AutoencoderKLCausal3D(nn.Module):
             )
         if tile_sample_min_size is not None and tile_sample_min_size % (4 * self.config.spatial_compression_ratio):
             logger.warning(
-                f"VAE tile {tile_sample_min_size} px is not a multiple of 32: as in the reference, the tile stride then"
+                f"VAE tile {tile_sample_min_size} px is not a multiple of 32: as in musubi-tuner, the tile stride then"
                 " differs from the kept tile size and tiled outputs come out larger than the input's size / 8 (or × 8)"
             )
         self.tile_sample_min_size = tile_sample_min_size
@@ -239,7 +239,7 @@ class AutoencoderKLCausal3D(nn.Module):
         out_tile: int,
         out_size: Callable[[int], int],
     ) -> torch.Tensor:
-        """Apply `run` to overlapping in_tile² tiles and assemble the outputs exactly as the reference does.
+        """Apply `run` to overlapping in_tile² tiles and assemble the outputs exactly as musubi-tuner does.
 
         Tiles start every int(0.75·in_tile) and are visited row by row; each output tile is blended in place over
         int(0.25·out_tile) rows with the (already blended) tile above, then over as many columns with the one on
@@ -353,7 +353,7 @@ def read_vae_config(path: str | os.PathLike, flag: str = "--vae") -> tuple[list[
 
 
 def compute_dtype(device: str | torch.device) -> torch.dtype:
-    """fp16 as the reference on GPUs; fp32 on the CPU, which has no fast fp16 3D convolutions (~100x slower)."""
+    """fp16 as musubi-tuner on GPUs; fp32 on the CPU, which has no fast fp16 3D convolutions (~100x slower)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -365,7 +365,7 @@ def load_vae(
     spatial_tile_sample_min_size: int | None = None,
     flag: str = "--vae",
 ) -> AutoencoderKLCausal3D:
-    """Load the VAE in eval mode, cast to `dtype` (fp16 as in the reference), with FramePack's memory options:
+    """Load the VAE in eval mode, cast to `dtype` (fp16 as in musubi-tuner), with FramePack's memory options:
     width chunking when `chunk_size` is set, and spatial tiling always (default tile 256 px)."""
     files, config = read_vae_config(path, flag)
     logger.info(f"VAE from {files[0]}: channels {config.block_out_channels}, {config.latent_channels} latent")
@@ -390,7 +390,7 @@ def encode_pixels(
     vae: AutoencoderKLCausal3D, pixels: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Pixels (B, 3, 1 + 4k, H, W) in [−1, 1], H and W multiples of 8, any device/dtype → scaled latents
-    (B, 16, 1 + k, H/8, W/8) on the VAE's device in its dtype (fp16 as the reference caches them)."""
+    (B, 16, 1 + k, H/8, W/8) on the VAE's device in its dtype (fp16 as musubi-tuner caches them)."""
     return vae.encode(pixels, generator)
 
 

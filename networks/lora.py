@@ -43,7 +43,7 @@ def find_target_linears(
 
     Blocks are visited in `named_modules` order. Inside a block the Linears follow `child_order[block class]` (the
     reference model's registration order, which decides the seeded initialisation order); Linears the order does
-    not list come after, in this model's order. Classes are compared by name, as the reference does.
+    not list come after, in this model's order. Classes are compared by name, as musubi-tuner does.
     """
     targets = set(target_classes)
     found = []
@@ -208,7 +208,7 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 
 class LoRANetwork(nn.Module):
-    """LoRA modules for every target Linear of `unet` (text encoders are not supported, as in the reference)."""
+    """LoRA modules for every target Linear of `unet` (text encoders are not supported, as in musubi-tuner)."""
 
     def __init__(
         self,
@@ -381,7 +381,7 @@ class LoRANetwork(nn.Module):
         for lora in self.unet_loras:
             alpha = weights_sd.get(f"{lora.lora_name}.{ALPHA_KEY}")
             if alpha is not None:
-                # The reference keeps the creation-time scale here (its FIXME); the file's alpha is what it trained.
+                # musubi-tuner keeps the creation-time scale here (its FIXME); the file's alpha is what it trained.
                 lora.alpha = alpha.detach().float().to(lora.alpha.device)
                 lora.scale = lora.alpha.item() / lora.lora_dim
         return info
@@ -484,7 +484,7 @@ def ranks_and_alphas(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
             dims[name] = value.shape[0]
     missing = sorted(set(dims) - set(alphas))
     if missing:
-        # The reference fails here; alpha = rank (scale 1) is what a file without alphas means everywhere else.
+        # musubi-tuner fails here; alpha = rank (scale 1) is what a file without alphas means everywhere else.
         logger.warning(f"{len(missing)} LoRA modules have no alpha; using alpha = rank for them (e.g. {missing[0]})")
     return dims, alphas
 

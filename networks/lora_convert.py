@@ -12,7 +12,7 @@ is unusual or two layouts are mixed:
 | diffusers/PEFT FramePack     | `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`         |
 
 `lora_A`/`lora_B` become `lora_down`/`lora_up`. Their alpha comes from a `.alpha` key (ComfyUI style), else from the
-diffusers `lora_adapter_metadata` header entry, else alpha = rank (scale 1, as the reference assumes).
+diffusers `lora_adapter_metadata` header entry, else alpha = rank (scale 1, as musubi-tuner assumes).
 HunyuanVideo block names are renamed to FramePack's, and fused projections are split (`HUNYUAN_TO_FRAMEPACK`).
 
 Export (`to_diffusers`) writes the diffusers/PEFT layout that diffusers' HunyuanVideo/FramePack LoRA loader reads:
@@ -282,7 +282,7 @@ def convert_to_framepack(
                 value = adapter_alpha(*peft_path[name]) if name in peft_path else None
                 alpha_sources[name] = ALPHA_FROM_NONE if value is None else ALPHA_FROM_HEADER
                 if value is None:
-                    value = float(parts[DOWN_KEY].shape[0])  # scale 1, as the reference assumes for lora_A/lora_B files
+                    value = float(parts[DOWN_KEY].shape[0])  # scale 1, as musubi-tuner assumes for lora_A/lora_B files
                     if name not in peft_path:
                         no_alpha.append(name)
                 parts[ALPHA_KEY] = torch.tensor(value, dtype=alpha_dtype)

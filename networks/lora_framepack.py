@@ -2,7 +2,7 @@
 
 Targets every Linear inside the blocks except, by default, the AdaLN modulation Linears (`norm1.linear`,
 `norm1_context.linear`, single-block `norm.linear`): the pattern `.*(norm).*` is always appended to the user's
-`exclude_patterns`. Names follow the reference exactly: `lora_unet_` + module path with `.` -> `_`, e.g.
+`exclude_patterns`. Names follow musubi-tuner exactly: `lora_unet_` + module path with `.` -> `_`, e.g.
 `lora_unet_transformer_blocks_0_attn_to_q`, `lora_unet_single_transformer_blocks_3_proj_mlp`.
 """
 
@@ -17,12 +17,12 @@ import torch.nn as nn
 from networks import lora
 from networks.lora import LORA_PREFIX
 
-# The block classes of our model; the reference calls them HunyuanVideoTransformerBlock and
+# The block classes of our model; musubi-tuner calls them HunyuanVideoTransformerBlock and
 # HunyuanVideoSingleTransformerBlock (same modules, same paths).
 FRAMEPACK_TARGET_REPLACE_MODULES = ["DoubleStreamBlock", "SingleStreamBlock"]
 DEFAULT_EXCLUDE_PATTERN = r".*(norm).*"
 
-# Every Linear of each target block, in the reference model's registration order: this order decides the order in
+# Every Linear of each target block, in musubi-tuner's model's registration order: this order decides the order in
 # which LoRA modules are created, hence which random draws initialise which module in a seeded run.
 BLOCK_LINEARS = {
     "DoubleStreamBlock": (

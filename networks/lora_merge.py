@@ -64,7 +64,7 @@ def _multipliers(values, count: int) -> list[float]:
 
 
 def _patterns(values, count: int, what: str) -> list[str | None]:
-    """Regex per LoRA by position (as the reference: LoRAs past the end of the list are not filtered)."""
+    """Regex per LoRA by position (as musubi-tuner: LoRAs past the end of the list are not filtered)."""
     if values is None or isinstance(values, str):
         return [values] * count
     values = list(values)

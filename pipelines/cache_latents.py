@@ -3,9 +3,9 @@
 Video crops become one file per section (inverted anti-drifting by default, forward-order F1 with `--f1`), laid
 out by `frame_pack.sections`, so training sees exactly the index/clean-latent layout that generation feeds the
 model. Image datasets with control images become one-frame caches with `--one_frame`. File names, tensor names,
-dtypes, shapes and metadata are the reference's, so caches are interchangeable with it.
+dtypes, shapes and metadata are musubi-tuner's, so caches are interchangeable with it.
 
-Differences from the reference (each deliberate):
+Differences from musubi-tuner (each deliberate):
 - The VAE posterior sample is seeded per item (CRC-32 of the cache file name), so a cache is reproducible bit for
   bit and does not depend on batching, worker count, item order or `--skip_existing`. Each item is therefore
   VAE-encoded on its own; `--batch_size` still sets the datasets' batch_size fallback.
@@ -13,7 +13,7 @@ Differences from the reference (each deliberate):
   truncated file or one cached with other `--f1` / `--one_frame*` options is redone.
 - Input problems (dataset kinds, missing models, `--vae_dtype`) are reported before any model is loaded, and
   models are loaded only when some item needs encoding.
-- One-frame caching: a missing `fp_1f_target_index` defaults to the latent window size (what the reference's help
+- One-frame caching: a missing `fp_1f_target_index` defaults to the latent window size (what musubi-tuner's help
   says; its code crashed), and RGBA first control images are fed to SigLIP as RGB.
 """
 
@@ -72,7 +72,7 @@ from utils.safetensors_utils import WeightFileError, resolve_weight_files
 
 logger = logging.getLogger(__name__)
 
-LATENT_DTYPE = torch.float16  # cached latents and image embeddings are float16, as the reference's
+LATENT_DTYPE = torch.float16  # cached latents and image embeddings are float16, as musubi-tuner's
 DEFAULT_ONE_FRAME_CLEAN_INDICES = (0,)
 
 
@@ -130,7 +130,7 @@ def latent_cache_tensors(
     clean: CleanLatents,
     image_embeddings: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one latent cache file, named as the reference names them.
+    """The tensors of one latent cache file, named as musubi-tuner names them.
 
     `latents` (C, F, h, w) is the target; `clean` holds unbatched (C, n, h, w) tensors. Every `latents_*` name
     carries the target's `FxHxW` and dtype; `image_embeddings` carries the latents' dtype too.

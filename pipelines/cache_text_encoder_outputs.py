@@ -3,12 +3,12 @@
 One file per media file, `<cache_dir>/<stem>_fp_te.safetensors`, shared by all crops and sections of that file:
 `llama_vec_<dtype>` (512, hidden), `llama_attention_mask` (512,) bool, `clip_l_pooler_<dtype>` (hidden,), with the
 metadata `architecture` = framepack, `caption1` = the caption, `format_version` = 1.0.1. Captions are encoded one at a
-time (as the reference does), so `--batch_size` only sets the datasets' batch_size fallback.
+time (as musubi-tuner does), so `--batch_size` only sets the datasets' batch_size fallback.
 
-Differences from the reference (each deliberate):
+Differences from musubi-tuner (each deliberate):
 - `--skip_existing` keeps a file only if it is complete (readable, the three tensors with the right dtypes and
   shapes) and was made from the same caption; a truncated file or an edited caption is redone.
-- A file is always written whole (the reference merged into an existing file, which for FramePack can only keep
+- A file is always written whole (musubi-tuner merged into an existing file, which for FramePack can only keep
   tensors of no use).
 - Tokenizers are read offline-first (`--tokenizer1` / `--tokenizer2`, or the text encoder's snapshot folder), models
   are checked before loading and loaded only when some caption needs encoding.
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def text_cache_tensors(
     llama_vec: torch.Tensor, llama_attention_mask: torch.Tensor, clip_l_pooler: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one text cache file (unbatched), named as the reference names them."""
+    """The tensors of one text cache file (unbatched), named as musubi-tuner names them."""
     return {
         f"{LLAMA_VEC_PREFIX}{dtype_name(llama_vec.dtype)}": llama_vec,
         LLAMA_MASK_KEY: llama_attention_mask,

@@ -2,7 +2,7 @@
 
 One generation: encode the section prompts (LLaMA + CLIP) and images (SigLIP + VAE), then sample the sections in
 generation order (inverted anti-drifting: video end first; F1: video start first), then decode and save.
-Random draws follow the reference: one CPU generator seeded with the seed, one noise draw per section.
+Random draws follow musubi-tuner: one CPU generator seeded with the seed, one noise draw per section.
 With --extend_video the sections continue an existing video (``frame_pack.extend``) instead of a start image.
 """
 
@@ -80,7 +80,7 @@ def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 
 def read_mask(path: str, height: int, width: int) -> np.ndarray:
-    """A mask file resized and cropped exactly like its image (the reference skipped the crop), grayscale uint8."""
+    """A mask file resized and cropped exactly like its image (musubi-tuner skipped the crop), grayscale uint8."""
     return resize_image_to_bucket(load_image(path).convert("L"), (width, height))
 
 

@@ -1,6 +1,6 @@
 """Command-line flags of fpack_generate_video.py and the inline grammar of prompt files / interactive lines.
 
-Flag names, types and defaults are the reference's. Validation happens here, before any model is loaded, and every
+Flag names, types and defaults are musubi-tuner's. Validation happens here, before any model is loaded, and every
 message names the flag at fault.
 """
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Prompt files (--from_file) and --interactive lines take inline options that override the flags:\n"
             "  --w width  --h height  --f video_seconds  --d seed  --s infer_steps  --g/--l guidance_scale\n"
-            "  --i image_path  --im image mask (accepted, unused as in the reference)  --n negative_prompt\n"
+            "  --i image_path  --im image mask (accepted, unused as in musubi-tuner)  --n negative_prompt\n"
             "  --vs video_sections  --ei end_image_path  --ci control image (repeatable)\n"
             "  --cim control image mask (repeatable)  --of one_frame_inference options  --ev extend_video"
         ),
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=GEN.sample_solver,
         choices=SAMPLE_SOLVERS,
-        help="sampler; only unipc is implemented (as in the reference)",
+        help="sampler; only unipc is implemented (as in musubi-tuner)",
     )
     gen.add_argument(
         "--image_path", type=str, default=None, help='start image; per-section start images as "0:a.png;;;2:b.png"'

@@ -1,4 +1,4 @@
-"""Saved latents: the reference's file format, so latents written by one tool decode in the other.
+"""Saved latents: musubi-tuner's file format, so latents written by one tool decode in the other.
 
 One tensor under key `latent`, fp32, (16, T, h, w); settings as string metadata (omitted with --no_metadata).
 """
@@ -19,7 +19,7 @@ LATENT_KEY = "latent"
 
 
 def latent_metadata(settings: GenerationSettings, seed: int, height: int, width: int) -> dict[str, str]:
-    """The reference's metadata keys (all strings); `negative_prompt` only when given."""
+    """musubi-tuner's metadata keys (all strings); `negative_prompt` only when given."""
     meta = {
         "seeds": str(seed),
         "prompt": str(settings.prompt),
@@ -36,7 +36,7 @@ def latent_metadata(settings: GenerationSettings, seed: int, height: int, width:
     }
     if settings.negative_prompt:
         meta["negative_prompt"] = str(settings.negative_prompt)
-    # Not in the reference; readers ignore unknown keys.
+    # Not in musubi-tuner; readers ignore unknown keys.
     meta["f1"] = str(bool(settings.f1))
     if settings.video_sections is not None:
         meta["video_sections"] = str(settings.video_sections)
@@ -56,7 +56,7 @@ def save_latent(latent: torch.Tensor, path: str, metadata: dict[str, str] | None
 
 
 def load_latent(path: str, flag: str = "--latent_path") -> tuple[torch.Tensor, dict[str, str]]:
-    """-> ((16, T, h, w) tensor, metadata). Accepts the reference's 4-D and 5-D files and torch.save files; errors
+    """-> ((16, T, h, w) tensor, metadata). Accepts musubi-tuner's 4-D and 5-D files and torch.save files; errors
     name ``flag`` and the file."""
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:

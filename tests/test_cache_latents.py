@@ -1,7 +1,8 @@
 """fpack_cache_latents.py end to end on tiny models and datasets: names, keys, dtypes, shapes, contents, reruns.
 
-Expected names, keys and section contents are computed here from the facts (§2.5–2.8), not from the project's
-section planner. The VAE runs in float16 on the CPU, which is slow, so clips are tiny (32×32, lws 2).
+Expected names, keys and section contents are computed here from the cache layout rules written out in this file,
+not from the project's section planner. The VAE runs in float16 on the CPU, which is slow, so clips are tiny
+(32×32, lws 2).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ LWS = 2
 CLIPS = {"clip_0": 13, "clip_1": 17}  # 13 frames: 4 latent, 1 section, trimmed to 9; 17 frames: 5 latent, 2 sections
 SECTIONS = {"clip_0": 1, "clip_1": 2}
 
-# The reference's flags and defaults (flags.json of the facts), written out independently of the parser.
+# musubi-tuner's flags and defaults (flags.json of the facts), written out independently of the parser.
 REFERENCE_FLAGS = {
     "--dataset_config": None, "--vae": None, "--vae_dtype": None, "--device": None, "--batch_size": None,
     "--num_workers": None, "--skip_existing": False, "--keep_cache": False, "--debug_mode": None,
@@ -122,7 +123,7 @@ def inverted(tmp_path_factory, models, videos):
 
 
 def spec_paddings(sections):
-    """Paddings in processing order (last section first), §2.5."""
+    """Paddings in processing order (last section first): n-1 down to 0 up to 4 sections, else 3, 2, ..., 2, 1, 0."""
     return list(range(sections - 1, -1, -1)) if sections <= 4 else [3] + [2] * (sections - 3) + [1, 0]
 
 
@@ -131,7 +132,7 @@ def spec_frame(latent, i):
 
 
 def spec_inverted_section(latent, lws, k):
-    """(indices, clean, 2x, 4x, target) of inverted section k of a (C, L, h, w) latent, per §2.5."""
+    """(indices, clean, 2x, 4x, target) of inverted anti-drifting section k of a (C, L, h, w) latent."""
     sections = (latent.shape[1] - 1) // lws
     p = spec_paddings(sections)[sections - 1 - k] * lws
     indices = {
@@ -150,7 +151,7 @@ def spec_inverted_section(latent, lws, k):
 
 
 def spec_f1_section(latent, lws, k):
-    """(indices, clean, 2x, 4x, target) of F1 section k, per §2.6: the 19 frames before the target, right-aligned."""
+    """(indices, clean, 2x, 4x, target) of F1 section k: the 19 frames before the target, right-aligned."""
     start = 1 + k * lws
     zero = torch.zeros_like(latent[:, 0])
     history = torch.stack([latent[:, i] if i >= 0 else zero for i in range(start - 19, start)], dim=1)

@@ -73,7 +73,7 @@ def test_resize_up_uses_lanczos_then_center_crop():
 
 
 def test_resize_one_side_matching_other_too_small_is_scaled():
-    """Defect 14 fixed: the reference only cropped here and returned a 20-pixel-high image."""
+    """Defect 14 fixed: musubi-tuner only cropped here and returned a 20-pixel-high image."""
     pixels = image_pixels((64, 20), seed=4)
     out = resize_image_to_bucket(pixels, (64, 32))
     assert out.shape == (32, 64, 3)

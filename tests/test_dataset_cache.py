@@ -183,7 +183,7 @@ def test_shuffle_is_seeded_reproducible_and_leaves_global_random_alone(video_cac
     assert _order(other, 1) != epoch1
     assert _order(first) == unshuffled  # arrangements are copies: the unshuffled one stays
 
-    # the reference's draws: reseed with seed + epoch, shuffle each bucket (in the order the buckets first appear
+    # musubi-tuner's draws: reseed with seed + epoch, shuffle each bucket (in the order the buckets first appear
     # in the cache listing), then the batch list; every epoch shuffles the previous epoch's arrangement
     expected = _video_dataset(video_cache, batch_size=2)
     expected.prepare_for_training()

@@ -109,7 +109,7 @@ def test_every_video_key_accepted_with_its_type(tmp_path):
     for key, value in _entry(ALL_VIDEO_VALUES).items():
         if key != "resolution":
             assert getattr(params, key) == value, key
-    assert params.fp_latent_window_size == 7  # refused by the reference's video schema (defect), allowed here
+    assert params.fp_latent_window_size == 7  # refused by musubi-tuner's video schema (defect), allowed here
 
 
 @pytest.mark.parametrize("key", sorted(BAD_VALUES))

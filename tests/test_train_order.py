@@ -183,7 +183,7 @@ def test_plan_is_the_reference_order_without_its_repeats(tmp_path, workers, pers
         for d, dataset in enumerate(group.datasets):
             own = Counter(D.batch_key(d, dataset.arrangement(epoch), b) for b in range(len(dataset)))
             if dataset.batch_size == 1:
-                # every batch exactly once per epoch; the reference's draw wherever it was not a repeat
+                # every batch exactly once per epoch; musubi-tuner's draw wherever it was not a repeat
                 assert Counter(k for k in plan if k[0] == d) == own
                 seen = Counter()
                 for ours, theirs in zip(plan, reference):

@@ -1,7 +1,7 @@
 """HunyuanVideo causal 3D VAE: layout, shapes, causality, memory options, loading and wrong-file errors.
 
 Tolerances: chunked convolution is exact (compared with atol 1e-6). Tiling is checked two ways: bit-for-bit
-against a plain implementation of the reference assembly (all tiles kept, blended in place, cropped,
+against a plain implementation of musubi-tuner's assembly (all tiles kept, blended in place, cropped,
 concatenated), and against an untiled pass, where a 64 px tile on a 96 px input must keep cosine similarity
 ≥ 0.95 and mean |difference| ≤ 0.35 × mean |output| (measured on the tiny VAE: about 0.98 / 0.16 for encode and
 0.97 / 0.25 for decode).
@@ -99,7 +99,7 @@ def test_encode_is_deterministic_for_a_seeded_generator(vae):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert (a - c).abs().mean() < 0.1 * a.abs().mean()  # the factory posterior is narrow, like a trained VAE's
-    assert vae.encode(x).shape == a.shape  # unseeded global RNG, as the reference
+    assert vae.encode(x).shape == a.shape  # unseeded global RNG, as musubi-tuner
 
 
 def test_causal_conv_reads_no_later_frames():
@@ -137,7 +137,7 @@ def test_fp16_runs_close_to_fp32(vae):
 
 
 def reference_chunks(width: int, chunk: int, kernel: int, stride: int) -> list[tuple[int, int]]:
-    """The reference's chunk partition, written as its index loop over the padded input (then mapped to outputs)."""
+    """musubi-tuner's chunk partition, written as its index loop over the padded input (then mapped to outputs)."""
     p = kernel // 2
     padded = width + 2 * p
     chunk -= chunk % stride
@@ -177,7 +177,7 @@ def test_chunked_conv_equals_unchunked(vae, chunk):
 
 
 def reference_tiled(x, run, in_tile: int, out_tile: int) -> torch.Tensor:
-    """The reference assembly: every tile kept, blended in place with the tile above then the left, cropped, cat."""
+    """musubi-tuner's assembly: every tile kept, blended in place with the tile above then the left, cropped, cat."""
     stride, blend = int(in_tile * 0.75), int(out_tile * 0.25)
     keep = out_tile - blend
 

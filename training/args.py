@@ -1,7 +1,7 @@
 """Command-line flags of fpack_train_network.py, the `--config_file` merge and the checks made before any work.
 
-Flag names and defaults are the reference's (musubi-tuner's common trainer flags plus the FramePack ones). Where a
-default or a check differs on purpose (a defect of the reference fixed), the flag's help says so.
+Flag names and defaults are musubi-tuner's (musubi-tuner's common trainer flags plus the FramePack ones). Where a
+default or a check differs on purpose (a defect of musubi-tuner fixed), the flag's help says so.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ DYNAMO_BACKENDS = (
     "ONNXRT", "TENSORRT", "AOT_TORCHXLA_TRACE_ONCE", "TORCHXLA_TRACE_ONCE", "IPEX", "TVM", "HPU_BACKEND",
 )  # fmt: skip
 DYNAMO_MODES = ("default", "reduce-overhead", "max-autotune")
-# Attention flags in the reference's priority order, with the attention mode each selects.
+# Attention flags in musubi-tuner's priority order, with the attention mode each selects.
 ATTENTION_FLAGS = {
     "sdpa": "torch",
     "flash_attn": "flash",
@@ -47,13 +47,13 @@ DIT_DTYPE = "bfloat16"  # fixed for FramePack training
 VAE_DTYPE = "float16"  # the only accepted --vae_dtype
 SAMPLE_SOLVER = "unipc"  # sampling during training always uses UniPC
 DEFAULT_NETWORK_MODULE = "networks.lora_framepack"
-# Config-file keys that name no flag but are accepted (the reference stores them on the namespace).
+# Config-file keys that name no flag but are accepted (musubi-tuner stores them on the namespace).
 _INTERNAL_KEYS = {"dit_dtype", "sample_solver", "fp8_scaled_hunyuan"}
 
 
 def int_or_float(value: str) -> int | float:
     """`--lr_warmup_steps` / `--lr_decay_steps`: `NN%` or a float < 1 is a ratio of the total steps, an integer a
-    step count. A float literal with an integral value >= 1 (e.g. `10.0`) is refused, as in the reference."""
+    step count. A float literal with an integral value >= 1 (e.g. `10.0`) is refused, as in musubi-tuner."""
     text = str(value).strip()
     if text.endswith("%"):
         try:
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default="",
         help="AdamW, AdamW8bit (bitsandbytes), Adafactor, a torch.optim class, or module.Class; "
-        "empty: AdamW (the reference fails on the empty default)",
+        "empty: AdamW (musubi-tuner fails on the empty default)",
     )
     g.add_argument(
         "--optimizer_args",
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dim_from_weights",
         action="store_true",
-        help="take ranks and alphas from --network_weights (broken in the reference)",
+        help="take ranks and alphas from --network_weights (broken in musubi-tuner)",
     )
     g.add_argument("--scale_weight_norms", type=float, default=None, help="max-norm regularisation of each module")
     g.add_argument(
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_name",
         type=str,
         default=None,
-        help="base name of the saved files (None: the dataset config's file name; the reference fails)",
+        help="base name of the saved files (None: the dataset config's file name; musubi-tuner fails)",
     )
     g.add_argument(
         "--resume",

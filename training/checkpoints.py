@@ -4,8 +4,8 @@ Names (in --output_dir):  every N epochs `<name>-<epoch:06d>.safetensors`, every
 `<name>-step<step:08d>.safetensors`, at the end `<name>.safetensors`; states are the same names with `-state`
 (folders). With `--save_diffusers_lora` each LoRA file gets a `<name>.diffusers.safetensors` twin in the
 diffusers/PEFT layout (alpha folded into the factors), saved, pruned and uploaded with it. LoRA files and state
-folders appear complete or not at all (written under a temporary name, then renamed). Metadata: the reference's
-`ss_*` keys (with `ss_session_id` spelled right; the reference wrote `ss_ss_session_id`) and `modelspec.*`.
+folders appear complete or not at all (written under a temporary name, then renamed). Metadata: musubi-tuner's
+`ss_*` keys (with `ss_session_id` spelled right; musubi-tuner wrote `ss_ss_session_id`) and `modelspec.*`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from networks.lora_convert import export_lora_file, load_lora_file
 
 logger = logging.getLogger(__name__)
 
-SAVE_DTYPE = torch.bfloat16  # every saved LoRA tensor, as the reference
+SAVE_DTYPE = torch.bfloat16  # every saved LoRA tensor, as musubi-tuner
 BASE_MODEL_VERSION = "framepack"
 MODELSPEC_VERSION = "1.0.0"
 MODELSPEC_ARCHITECTURE = "framepack/lora"
 MODELSPEC_IMPLEMENTATION = "https://github.com/lllyasviel/FramePack"
-MODELSPEC_RESOLUTION = "1280x720"  # the reference's placeholder
+MODELSPEC_RESOLUTION = "1280x720"  # musubi-tuner's placeholder
 MINIMUM_METADATA_KEYS = (
     "ss_base_model_version",
     "ss_network_module",
@@ -87,7 +87,7 @@ def training_metadata(
     optimizer_args: str,
     datasets: list[dict],
 ) -> dict[str, str]:
-    """The `ss_*` metadata fixed for the whole run (values as strings, as the reference stores them)."""
+    """The `ss_*` metadata fixed for the whole run (values as strings, as musubi-tuner stores them)."""
     optimizer = optimizer_name + (f"({optimizer_args})" if optimizer_args else "")
     metadata = {
         "ss_session_id": session_id,

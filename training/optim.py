@@ -1,8 +1,8 @@
 """Optimizers (`--optimizer_type`, `--optimizer_args`) and learning-rate schedulers (`--lr_scheduler*`).
 
-Names and semantics are the reference's. Fixed here: the empty default `--optimizer_type` means AdamW (the
-reference fails on it), schedule-free optimizers get a working no-op scheduler (the reference raises TypeError),
-and `piecewise_constant` is built in (the reference takes it from diffusers).
+Names and semantics are musubi-tuner's. Fixed here: the empty default `--optimizer_type` means AdamW (the
+reference fails on it), schedule-free optimizers get a working no-op scheduler (musubi-tuner raises TypeError),
+and `piecewise_constant` is built in (musubi-tuner takes it from diffusers).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _import_class(name: str, default_module, flag: str):
 
 def create_optimizer(args: argparse.Namespace, params: list[dict]) -> OptimizerInfo:
     """The optimizer named by --optimizer_type over the network's parameter groups. Adafactor with relative steps
-    replaces the learning rate by None and the scheduler by `adafactor:<lr>`, as the reference does; the effective
+    replaces the learning rate by None and the scheduler by `adafactor:<lr>`, as musubi-tuner does; the effective
     values are in the result (the flags are left as given)."""
     name = args.optimizer_type or DEFAULT_OPTIMIZER
     if not args.optimizer_type:

@@ -5,10 +5,10 @@ Prompts are encoded once at the start (text encoders, SigLIP, VAE start latents)
 `pipelines.generate.generate_latent`, so training samples are exactly what `fpack_generate_video.py` would make
 with the same LoRA, seed and settings. Normal, F1 (`--f1`) and one-frame (`--one_frame`, prompt `--of`) modes.
 
-Differences from the reference, each deliberate: the prompt text itself is not scanned for options (the reference
+Differences from musubi-tuner, each deliberate: the prompt text itself is not scanned for options (musubi-tuner
 took a prompt starting with e.g. "i like" as an image path); a prompt without an image, with a size that is not a
 multiple of 16, or with a missing file fails at startup instead of mid-training; one-frame prompts work with 2x/4x
-clean latents (the reference needs `no_2x,no_4x`); the LoRA runs without dropout while sampling; sampling leaves
+clean latents (musubi-tuner needs `no_2x,no_4x`); the LoRA runs without dropout while sampling; sampling leaves
 every random generator as it found it, so sampling settings never change the trained weights.
 """
 

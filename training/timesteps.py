@@ -4,7 +4,7 @@ x_t = (1 − σ)·x0 + σ·ε and the DiT predicts ε − x0. Every mode draws �
 timestep = σ·1000 (table entries 1000 … 1, `sigma` mode) or t·1000 + 1 (continuous modes, 1 … 1001).
 
 Draw order per step, after `noise = randn_like(latents)`: the mode's draws below, on the device (continuous modes)
-or on the CPU (`sigma` mode density), as the reference does, so the same seed gives the same timesteps.
+or on the CPU (`sigma` mode density), as musubi-tuner does, so the same seed gives the same timesteps.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _warned_off_table = False
 
 def schedule() -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas, timesteps) of the 1000-step training scheduler: sigmas = linspace(1, 0, 1001) in float32 and
-    timesteps = sigmas[:-1]·1000 (1000, 999, …, 1), exactly as the reference builds them."""
+    timesteps = sigmas[:-1]·1000 (1000, 999, …, 1), exactly as musubi-tuner builds them."""
     sigmas = torch.linspace(1, 0, NUM_TRAIN_TIMESTEPS + 1)
     return sigmas, (sigmas[:-1] * NUM_TRAIN_TIMESTEPS).to(torch.float32)
 
@@ -124,7 +124,7 @@ def noisy_model_input_and_timesteps(
     args: argparse.Namespace, noise: torch.Tensor, latents: torch.Tensor, device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy input, timesteps (B,) float32) for one batch; `dtype` is the DiT dtype σ is rounded to in the
-    discrete mode, as in the reference."""
+    discrete mode, as in musubi-tuner."""
     batch_size = noise.shape[0]
     t_min, t_max = timestep_bounds(args)
     if args.timestep_sampling in CONTINUOUS_MODES:

@@ -18,9 +18,9 @@ METADATA_KEY = "comment"  # mp4 tag that ffprobe and most players show; holds th
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
-    """Decoded (C, T, H, W) in [-1, 1] -> (T, H, W, C) uint8, as the reference: (x+1)/2, clamp, ×255, truncate.
+    """Decoded (C, T, H, W) in [-1, 1] -> (T, H, W, C) uint8, as musubi-tuner: (x+1)/2, clamp, ×255, truncate.
 
-    The arithmetic stays in the decoded dtype (fp16 for the reference VAE) so pixel values match it exactly.
+    The arithmetic stays in the decoded dtype (fp16 for musubi-tuner VAE) so pixel values match it exactly.
     """
     x = ((pixels + 1) / 2).clamp(0, 1) * 255
     return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()

@@ -1,9 +1,9 @@
 """Tiny cached training datasets (latent + text caches and their dataset config), written straight in the cache
-format of facts_training §2.8 / §3.4, so training tests need neither media nor encoders.
+format (section and one-frame latent caches, text encoder caches), so training tests need neither media nor encoders.
 
 Video sections use the inverted layout of a last section (latent indices 1..lws, clean [0, lws+1], 2x, 4x), as
-`write_fake_latent_cache` writes them; one-frame items follow §2.7 (target latent, control latents plus an optional
-zero post frame, 2x/4x indices without 2x/4x latents).
+`write_fake_latent_cache` writes them; one-frame items follow the one-frame layout (target latent, control
+latents plus an optional zero post frame, 2x/4x indices without 2x/4x latents).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def write_one_frame_cache(
     no_4x: bool = False,
     seed: int = 0,
 ) -> Path:
-    """An image (one-frame) latent cache with the keys and index values of §2.7."""
+    """An image (one-frame) latent cache with the keys and index values musubi-tuner writes."""
     g = torch.Generator().manual_seed(seed)
     w, h = size[0] // 8, size[1] // 8
     suffix = f"1x{h}x{w}_float16"

@@ -1,8 +1,8 @@
-"""Tiny LoRA state dicts for the tiny DiT in every layout the merge reads, built straight from the spec's tables.
+"""Tiny LoRA state dicts for the tiny DiT in every layout the merge reads, built from the naming rules alone.
 
 Nothing here imports the project's LoRA code: the names, shapes and fused-projection layouts are written out from
-facts_training.md §5.1 and facts_inference.md §2.14, so the tests check the converter against an independent
-statement of the formats.
+musubi-tuner's LoRA naming (lora_unet_ + module path with dots as underscores), so the tests check the converter
+against an independent statement of the formats.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _dims(config: PackedDiTConfig) -> tuple[int, int]:
 
 
 def framepack_modules(config: PackedDiTConfig, include_norm: bool = False) -> dict[str, tuple[str, tuple[int, int]]]:
-    """musubi name -> (module path, (out, in)) for the §5.1 table (plus the AdaLN Linears with include_norm)."""
+    """musubi name -> (module path, (out, in)) for every LoRA target Linear (AdaLN ones with include_norm)."""
     d, h = _dims(config)
     double = [
         ("attn.to_q", (d, d)),
