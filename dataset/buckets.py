@@ -55,6 +55,33 @@ class BucketSelector:
         return self.bucket_resolutions[int(errors.argmin())]
 
 
+def bucket_for_area(image_size: tuple[int, int], resolution: tuple[int, int]) -> tuple[int, int]:
+    """(W, H) with about the area of `resolution` (W, H) and the aspect ratio of `image_size` (W, H), sides
+    multiples of 16 (`--one_frame_auto_resize`).
+
+    Start from W = sqrt(area·ar), rounded down to the step; of the five widths W-2·16 .. W+2·16, each with
+    H = (area // width) rounded down to the step, keep the first whose ratio is closest to the image's.
+    """
+    area = resolution[0] * resolution[1]
+    width, height = image_size
+    aspect = width / height
+    start = divisible_by(int(math.sqrt(area * aspect)), RESOLUTION_STEP)
+    best, best_error = None, float("inf")
+    for offset in range(-2, 3):
+        w = start + offset * RESOLUTION_STEP
+        if w <= 0:
+            continue
+        h = divisible_by(area // w, RESOLUTION_STEP)
+        if h <= 0:
+            continue
+        error = abs(w / h - aspect)
+        if error < best_error:
+            best, best_error = (w, h), error
+    if best is None:
+        raise ValueError(f"no {RESOLUTION_STEP}-pixel bucket of area {area} fits an image of {width}x{height}")
+    return best
+
+
 def resize_image_to_bucket(image: Image.Image | np.ndarray, bucket_reso: tuple[int, int]) -> np.ndarray:
     """Scale `image` to cover `bucket_reso` (W, H), then center-crop to exactly that size.
 

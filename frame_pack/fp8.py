@@ -55,6 +55,33 @@ def _target_linears(model: nn.Module):
             yield name, module
 
 
+def quantize_linear(
+    module: nn.Linear, scaled: bool = True, device: torch.device | None = None, keep_on_device: bool = False
+) -> None:
+    """Quantize one Linear's weight in place (on `device`, default its own) and patch its forward."""
+    home = module.weight.device
+    weight = module.weight.data.to(device or home)
+    if scaled:
+        quantized, scale = quantize_per_tensor(weight)
+        module.register_buffer("scale_weight", scale)
+    else:
+        quantized = weight.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    quantized = quantized if keep_on_device else quantized.to(home)
+    module.weight = nn.Parameter(quantized, requires_grad=False)
+    module.forward = types.MethodType(_fp8_linear_forward, module)
+
+
+def dequantized_weight(module: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype` as the patched forward computes with it: fp8 · scale (in the scale's dtype), or a cast."""
+    scale = getattr(module, "scale_weight", None)
+    weight = module.weight.data
+    return (weight.to(scale.dtype) * scale).to(dtype) if scale is not None else weight.to(dtype)
+
+
+def is_quantized(module: nn.Linear) -> bool:
+    return module.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def apply_fp8(
     model: nn.Module, scaled: bool = True, device: torch.device | None = None, keep_on_device: bool = False
 ) -> int:
@@ -65,16 +92,7 @@ def apply_fp8(
     """
     count = 0
     for _, module in _target_linears(model):
-        home = module.weight.device
-        weight = module.weight.data.to(device or home)
-        if scaled:
-            quantized, scale = quantize_per_tensor(weight)
-            module.register_buffer("scale_weight", scale)
-        else:
-            quantized = weight.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        quantized = quantized if keep_on_device else quantized.to(home)
-        module.weight = nn.Parameter(quantized, requires_grad=False)
-        module.forward = types.MethodType(_fp8_linear_forward, module)
+        quantize_linear(module, scaled, device, keep_on_device)
         count += 1
     logger.info(f"fp8{' scaled' if scaled else ''}: {count} Linear weights stored as {FP8_DTYPE}")
     return count

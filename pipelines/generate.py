@@ -8,11 +8,15 @@ With --extend_video the sections continue an existing video (``frame_pack.extend
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import functools
 import logging
 import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -20,19 +24,35 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dataset.buckets import resize_image_to_bucket
+from dataset.buckets import bucket_for_area, resize_image_to_bucket
 from dataset.media import load_image
 from frame_pack import sections as S
 from frame_pack.extend import F1Extension, OriginalExtension, noise_draws_to_skip, resolve_context_frames
 from frame_pack.sampling import flow_match_x0_model, initial_noise, make_generator, sample_flow
 from frame_pack.timed_prompts import blend_schedule, blend_text_conditioning, is_timed_prompt, section_prompts
 from hunyuan_model.frame_math import latent_size
+from hunyuan_model.latent_preview import preview_path, write_preview
+from networks.lora_switch import LoraSet, lora_set
 from pipelines.extend_input import ExtendSource, ExtendVideoError, frames_to_pixels, read_extend_source
 from pipelines.generate_args import apply_prompt_line, build_parser, parse_prompt_line, validate_args
 from pipelines.latent_file import latent_metadata, load_latent, save_latent
-from pipelines.models import ModelCache, dit_dtype
+from pipelines.models import ModelCache, dit_dtype, model_loras
 from pipelines.prompt_line import PromptLineError, read_prompt_file
-from pipelines.settings import GenerationSettings, ModelSettings
+from pipelines.run_metadata import (
+    FRAMES_KEY,
+    MetadataError,
+    apply_settings,
+    command_line,
+    explicit_dests,
+    finished_outputs,
+    generation_settings,
+    job_key,
+    read_settings,
+    recorded_flags,
+    required_kinds,
+    settings_to_metadata,
+)
+from pipelines.settings import GenerationSettings, ModelSettings, lora_multipliers
 from utils.device import resolve_device
 from utils.video_io import save_images, save_video, to_uint8_frames
 
@@ -224,10 +244,26 @@ def sample_section(
             dit.disable_teacache()
 
 
-def generate_latent(settings: GenerationSettings, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
-    """Sample every section; returns the time-ordered video latent (1, 16, T, h, w) fp32 on the CPU."""
+SectionCallback = Callable[[torch.Tensor], None]
+
+
+def generate_latent(
+    settings: GenerationSettings,
+    dit,
+    inputs: PreparedInputs,
+    seed: int,
+    device,
+    on_section: SectionCallback | None = None,
+) -> torch.Tensor:
+    """Sample every section; returns the time-ordered video latent (1, 16, T, h, w) fp32 on the CPU.
+
+    `on_section` gets the video latent generated so far after each section (e.g. to write a preview).
+    """
     if settings.one_frame:
-        return generate_one_frame(settings, dit, inputs, seed, device)
+        latent = generate_one_frame(settings, dit, inputs, seed, device)
+        if on_section is not None:
+            on_section(latent)
+        return latent
     lws = settings.latent_window_size
     n_sections = generation_sections(settings)
     plans = S.plan_sections(
@@ -266,6 +302,8 @@ def generate_latent(settings: GenerationSettings, dit, inputs: PreparedInputs, s
         shared = {**indices.batched(1), **clean.as_kwargs()}
         generated = sample_section(settings, dit, inputs, text, image, shared, noise)
         context.add(plan, generated, image.latent)
+        if on_section is not None:
+            on_section(context.video_latent())
     return context.video_latent()
 
 
@@ -329,6 +367,10 @@ def _unique(path: str) -> str:
     return candidate
 
 
+def time_flag_now() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def save_outputs(
     settings: GenerationSettings,
     latent: torch.Tensor,
@@ -336,11 +378,12 @@ def save_outputs(
     models: ModelCache,
     metadata: dict[str, str],
     source_name: str = "",
+    time_flag: str | None = None,
 ) -> list[str]:
     """Write what --output_type asks for, with musubi-tuner's file names; returns the written paths."""
     s = settings
     os.makedirs(s.save_path, exist_ok=True)
-    time_flag = datetime.now().strftime("%Y%m%d-%H%M%S")
+    time_flag = time_flag or time_flag_now()
     name = f"{time_flag}_{seed}_" + (f"_{source_name}" if source_name else "")
     written = []
     if s.output_type in ("latent", "both", "latent_images"):
@@ -352,7 +395,7 @@ def save_outputs(
         pixels = decode_video(models.vae(), latent, s.latent_window_size, s.bulk_decode, s.one_frame)
     models.offload_vae()
     frames = to_uint8_frames(pixels)
-    meta = None if s.no_metadata else dict(metadata)
+    meta = None if s.no_metadata else {**metadata, FRAMES_KEY: str(len(frames))}
     if s.output_type in ("video", "both") and not s.one_frame:
         written.append(save_video(frames, _unique(os.path.join(s.save_path, f"{name}.mp4")), s.fps, meta))
     if s.output_type in ("images", "latent_images") or (s.one_frame and s.output_type in ("video", "both")):
@@ -366,27 +409,133 @@ def save_outputs(
 # ---- modes ---------------------------------------------------------------------------------------------------------
 
 
-def run_one(settings: GenerationSettings, models: ModelCache, device: torch.device) -> list[str]:
-    seed = settings.seed if settings.seed is not None else random.randint(0, SEED_MAX)
+@functools.cache
+def generation_flags() -> tuple[str, ...]:
+    """Destinations of every flag of the script, in --help order (what the metadata records)."""
+    return tuple(a.dest for a in build_parser()._actions if a.option_strings and a.dest != "help")
+
+
+def generation_loras(settings: GenerationSettings, models: ModelSettings) -> LoraSet:
+    """The LoRAs of one generation: a prompt line's --lw / --lm, else --lora_weight / --lora_multiplier."""
+    weights = settings.lora_weight if settings.lora_weight is not None else models.lora_weight
+    if not weights:
+        return ()
+    multiplier = settings.lora_multiplier if settings.lora_multiplier is not None else models.lora_multiplier
+    return lora_set(weights, lora_multipliers(weights, multiplier), models.include_patterns, models.exclude_patterns)
+
+
+def recorded_values(settings: GenerationSettings, models: ModelSettings) -> argparse.Namespace:
+    """Every flag value of one generation (the model flags too, with this generation's LoRAs)."""
+    values = {**dataclasses.asdict(models), **dataclasses.asdict(settings)}
+    loras = generation_loras(settings, models)
+    values["lora_weight"] = [spec.path for spec in loras] or None
+    values["lora_multiplier"] = [spec.multiplier for spec in loras] or 1.0
+    return argparse.Namespace(**values)
+
+
+def line_seeds(settings: GenerationSettings) -> list[int | None]:
+    """The seeds one prompt renders (None: a random one): --n_seeds from --seed, else --seeds, else --seed."""
+    if settings.n_seeds:
+        return [None if settings.seed is None else settings.seed + i for i in range(settings.n_seeds)]
+    return list(settings.seeds) if settings.seeds else [settings.seed]
+
+
+def sized_for_generation(settings: GenerationSettings) -> GenerationSettings:
+    """--one_frame_auto_resize: the output size from the first control image's aspect ratio, about the area of
+    --video_size, sides multiples of 16 (the metadata records the flags as given)."""
+    if not (settings.one_frame and settings.one_frame_auto_resize and settings.control_image_path):
+        return settings
+    from PIL import Image
+
+    with Image.open(settings.control_image_path[0]) as control:
+        size = control.size
+    width, height = bucket_for_area(size, (settings.width, settings.height))
+    logger.info(f"--one_frame_auto_resize: {width}x{height} for a control image of {size[0]}x{size[1]}")
+    return settings.replace(video_size=(height, width))
+
+
+def preview_writer(settings: GenerationSettings, name: str) -> SectionCallback | None:
+    if not settings.preview:
+        return None
+    path = preview_path(settings.save_path, name, settings.preview)
+    os.makedirs(settings.save_path, exist_ok=True)
+
+    def write(latent: torch.Tensor) -> None:
+        write_preview(latent, path, settings.fps)
+        logger.info(f"preview ({latent.shape[2]} latent frames): {path}")
+
+    return write
+
+
+@dataclass
+class FinishedJobs:
+    """--skip_done: job key -> kinds of output found in --save_path at the start, plus those written since."""
+
+    found: dict[str, set[str]]
+
+    @classmethod
+    def scan(cls, save_path: str) -> FinishedJobs:
+        found = finished_outputs(save_path)
+        logger.info(f"--skip_done: {len(found)} finished job key(s) in {save_path}")
+        return cls(found)
+
+    def has(self, key: str, kinds: set[str]) -> bool:
+        return kinds <= self.found.get(key, set())
+
+    def add(self, key: str, kinds: set[str]) -> None:
+        self.found.setdefault(key, set()).update(kinds)
+
+
+def run_one(
+    settings: GenerationSettings, models: ModelCache, device: torch.device, done: FinishedJobs | None = None
+) -> list[str]:
+    """Every seed of one prompt (--seeds / --n_seeds), skipping those already finished with --skip_done."""
+    seeds = line_seeds(settings)
+    kinds = required_kinds(settings.output_type, settings.one_frame)
+    if done is not None and all(seed is None for seed in seeds):
+        # random seeds cannot be matched one by one: the prompt counts as done once any output of it exists
+        flags = recorded_flags(recorded_values(settings, models.settings), generation_flags())
+        if done.has(job_key(flags, None), kinds):
+            logger.info(f"--skip_done: {settings.prompt!r} already has outputs (random seeds), skipped")
+            return []
+    written = []
+    for seed in seeds:
+        written += run_seed(settings, models, device, seed, done, kinds)
+    return written
+
+
+def run_seed(settings: GenerationSettings, models: ModelCache, device, seed, done: FinishedJobs | None, kinds):
+    seed = seed if seed is not None else random.randint(0, SEED_MAX)
+    loras = generation_loras(settings, models.settings)
+    record = generation_settings(
+        recorded_values(settings, models.settings), seed, generation_flags(), [spec.multiplier for spec in loras]
+    )
+    if done is not None and done.has(record["job"], kinds):
+        logger.info(f"--skip_done: {settings.prompt!r} with seed {seed} is already in {settings.save_path}, skipped")
+        return []
     logger.info(f"seed {seed}")
     start = time.perf_counter()
+    sized = sized_for_generation(settings)
     source = None
-    if settings.extend_video:  # read and checked before any model loads
-        source = read_extend_source(settings.extend_video, settings.height, settings.width, settings.fps)
-    inputs = prepare_inputs(settings, models, seed, source)
-    dit = models.dit()
+    if sized.extend_video:  # read and checked before any model loads
+        source = read_extend_source(sized.extend_video, sized.height, sized.width, sized.fps)
+    inputs = prepare_inputs(sized, models, seed, source)
+    dit = models.dit(loras)
     if models.settings.save_merged_model:
         return [models.settings.save_merged_model]
-    latent = generate_latent(settings, dit, inputs, seed, device)
+    time_flag = time_flag_now()
+    latent = generate_latent(sized, dit, inputs, seed, device, preview_writer(settings, f"{time_flag}_{seed}"))
     models.release_dit()
     if models.settings.blocks_to_swap > 0 and device.type == "cuda":
         time.sleep(5)  # let the swap worker threads finish their last transfers, as musubi-tuner does
-    meta = latent_metadata(settings, seed, inputs.height, inputs.width)
+    meta = {**latent_metadata(settings, seed, inputs.height, inputs.width), **settings_to_metadata(record)}
     if source is not None:
         meta["extend_video"] = source.path
         meta["extend_video_latent_frames"] = str(inputs.extend_latent.shape[2])
         meta["extend_context_frames"] = str(resolve_context_frames(settings.extend_context_frames, settings.f1))
-    written = save_outputs(settings, latent, seed, models, meta)
+    written = save_outputs(settings, latent, seed, models, meta, time_flag=time_flag)
+    if done is not None:
+        done.add(record["job"], kinds)
     logger.info(f"generated in {time.perf_counter() - start:.1f} s")
     return written
 
@@ -394,33 +543,59 @@ def run_one(settings: GenerationSettings, models: ModelCache, device: torch.devi
 LINE_ERRORS = (PromptLineError, ValueError, FileNotFoundError)
 
 
-def run_line(base: GenerationSettings, line: str, models: ModelCache, device: torch.device) -> list[str]:
-    """Generate one prompt-file / interactive line with its inline options applied to the base settings."""
+def line_settings(base: GenerationSettings, line: str) -> GenerationSettings:
     settings = apply_prompt_line(base, parse_prompt_line(line))
     if not (settings.image_path or settings.extend_video):
         raise PromptLineError("no start image: give --i (or --ev) on the line or --image_path on the command line")
-    return run_one(settings, models, device)
+    return settings
 
 
-def run_batch(base: GenerationSettings, models: ModelCache, prompt_file: str, device: torch.device) -> int:
+def run_line(
+    base: GenerationSettings, line: str, models: ModelCache, device: torch.device, done: FinishedJobs | None = None
+) -> list[str]:
+    """Generate one prompt-file / interactive line with its inline options applied to the base settings."""
+    return run_one(line_settings(base, line), models, device, done)
+
+
+def batch_lora_sets(base: GenerationSettings, models: ModelSettings, lines: list[tuple[int, str]]):
+    """The LoRA sets of a prompt file's lines when they differ (switching needed), else None (merge once)."""
+    sets = {model_loras(models)}
+    for _, line in lines:
+        try:
+            sets.add(generation_loras(line_settings(base, line), models))
+        except LINE_ERRORS:
+            continue  # reported when the line runs
+    return sorted(sets, key=str) if len(sets) > 1 else None
+
+
+def run_batch(
+    base: GenerationSettings, models: ModelCache, prompt_file: str, device: torch.device, skip_done: bool = False
+) -> int:
     """Every prompt line in turn with models loaded once; a bad line is reported and the others still run."""
     lines = read_prompt_file(prompt_file)
+    models.lora_sets = batch_lora_sets(base, models.settings, lines)
+    done = FinishedJobs.scan(base.save_path) if skip_done else None
     failed = []
     for index, (number, line) in enumerate(lines, start=1):
         logger.info(f"prompt {index}/{len(lines)} (line {number} of {prompt_file})")
         try:
-            run_line(base, line, models, device)
+            run_line(base, line, models, device, done)
         except LINE_ERRORS as e:
             logger.error(f"{prompt_file}:{number}: {e}")
             failed.append(number)
+    models.restore_base_weights()
     if failed:
         logger.error(f"{len(failed)} of {len(lines)} prompts failed (lines {', '.join(map(str, failed))})")
     return 1 if failed else 0
 
 
-def run_interactive(base: GenerationSettings, models: ModelCache, device: torch.device, stream=None) -> int:
+def run_interactive(
+    base: GenerationSettings, models: ModelCache, device: torch.device, stream=None, skip_done: bool = False
+) -> int:
     """Read prompt lines (same inline options as prompt files) until end of input; each is generated and saved."""
     stream = stream or sys.stdin
+    models.lora_sets = [model_loras(models.settings)]  # any line may switch LoRAs
+    done = FinishedJobs.scan(base.save_path) if skip_done else None
     prompt_mark = sys.stdin.isatty()
     while True:
         if prompt_mark:
@@ -431,12 +606,13 @@ def run_interactive(base: GenerationSettings, models: ModelCache, device: torch.
             print()
             continue
         if not line:
+            models.restore_base_weights()
             return 0
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         try:
-            run_line(base, line, models, device)
+            run_line(base, line, models, device, done)
         except LINE_ERRORS as e:
             logger.error(f"{e}")
         except KeyboardInterrupt:
@@ -464,10 +640,18 @@ def run_decode_only(base: GenerationSettings, models: ModelCache, latent_paths: 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
+        if args.show_metadata:
+            print(command_line(read_settings(args.show_metadata, "--show_metadata"), parser))
+            return 0
+        if args.from_metadata:
+            recorded = read_settings(args.from_metadata)
+            apply_settings(args, recorded, explicit_dests(build_parser(), argv), args.from_metadata)
+            logger.info(f"settings of {args.from_metadata}: seed {args.seed}, prompt {args.prompt!r}")
         validate_args(args)
-    except ValueError as e:
+    except (ValueError, MetadataError) as e:
         parser.error(str(e))
     device = resolve_device(args.device)
     logger.info(f"device {device}")
@@ -479,16 +663,16 @@ def main(argv: list[str] | None = None) -> int:
         except AttentionBackendError as e:
             parser.error(str(e))
     settings = GenerationSettings.from_args(args)
-    keep = bool(args.latent_path or args.from_file or args.interactive)
+    keep = bool(args.latent_path or args.from_file or args.interactive) or len(line_seeds(settings)) > 1
     models = ModelCache(ModelSettings.from_args(args), device, keep=keep)
     if args.latent_path:
         return run_decode_only(settings, models, args.latent_path)
     if args.from_file:
-        return run_batch(settings, models, args.from_file, device)
+        return run_batch(settings, models, args.from_file, device, args.skip_done)
     if args.interactive:
-        return run_interactive(settings, models, device)
+        return run_interactive(settings, models, device, skip_done=args.skip_done)
     try:
-        run_one(settings, models, device)
+        run_one(settings, models, device, FinishedJobs.scan(settings.save_path) if args.skip_done else None)
     except ExtendVideoError as e:  # found when the whole video is read, still before any model loads
         parser.error(str(e))
     return 0

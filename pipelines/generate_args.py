@@ -16,6 +16,7 @@ from frame_pack.extend import F1_CONTEXT_FRAMES, ORIGINAL_CONTEXT_FRAMES, resolv
 from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
 from frame_pack.sections import total_sections
 from frame_pack.timed_prompts import TimedPromptError, is_timed_prompt, section_prompts
+from hunyuan_model.latent_preview import PREVIEW_FORMATS
 from pipelines.extend_input import check_extend_video
 from pipelines.flags import (
     add_blocks_to_swap_flag,
@@ -49,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
             "  --w width  --h height  --f video_seconds  --d seed  --s infer_steps  --g/--l guidance_scale\n"
             "  --i image_path  --im image mask (accepted, unused as in musubi-tuner)  --n negative_prompt\n"
             "  --vs video_sections  --ei end_image_path  --ci control image (repeatable)\n"
-            "  --cim control image mask (repeatable)  --of one_frame_inference options  --ev extend_video"
+            "  --cim control image mask (repeatable)  --of one_frame_inference options  --ev extend_video\n"
+            "  --lw a.safetensors,b.safetensors LoRAs for this line (none: no LoRA)  --lm 0.8,1.0 their multipliers\n"
+            "  --n_seeds K  render K seeds (from --d, else random)\n"
+            "A line without --lw/--lm uses the command-line LoRAs; switching merges and unmerges only the modules "
+            "involved (the DiT is not reloaded)."
         ),
     )
     models = p.add_argument_group("models")
@@ -114,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, default=GEN.fps, help="frames per second of the output video")
     gen.add_argument("--infer_steps", type=int, default=GEN.infer_steps, help="sampling steps per section")
     gen.add_argument("--seed", type=int, default=None, help="seed (random and printed when omitted)")
+    gen.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        metavar="S1,S2,...",
+        help="render every prompt once per seed, e.g. 1,2,3 (a line's --d or --n_seeds takes precedence)",
+    )
+    gen.add_argument(
+        "--n_seeds",
+        type=int,
+        default=None,
+        help="render K seeds per prompt: --seed, --seed+1, ... (random seeds without --seed)",
+    )
     add_section_flags(gen)
     gen.add_argument(
         "--embedded_cfg_scale", type=float, default=GEN.embedded_cfg_scale, help="distilled guidance scale"
@@ -149,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="one-frame mode options: no_2x,no_4x,no_post,target_index=N,control_index=A;B,default",
+    )
+    gen.add_argument(
+        "--one_frame_auto_resize",
+        action="store_true",
+        help="one-frame mode: choose the output size from the first control image's aspect ratio, keeping about "
+        "the area of --video_size, sides multiples of 16",
     )
     gen.add_argument("--control_image_path", type=str, nargs="*", default=None, help="control images (one-frame)")
     gen.add_argument(
@@ -215,11 +239,53 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--latent_path", type=str, nargs="*", default=None, help="decode these saved latent files instead of generating"
     )
+    out.add_argument(
+        "--preview",
+        type=str,
+        nargs="?",
+        const="mp4",
+        default=None,
+        choices=PREVIEW_FORMATS,
+        help="after each section write <name>_preview.mp4 (or .png: a strip of frames) next to the output: the "
+        "video so far, mapped from latents to RGB without the VAE, one pixel per 8x8 and one frame per 4 frames",
+    )
 
     modes = p.add_argument_group("batch and interactive")
     modes.add_argument("--from_file", type=str, default=None, help="prompt file: one prompt per line")
     modes.add_argument("--interactive", action="store_true", help="read prompts from standard input")
+    modes.add_argument(
+        "--skip_done",
+        action="store_true",
+        help="skip prompts (and seeds) whose outputs are already in --save_path, recognized by their recorded "
+        "settings, so an interrupted --from_file queue continues where it stopped",
+    )
+    modes.add_argument(
+        "--from_metadata",
+        type=str,
+        default=None,
+        metavar="FILE",
+        help="re-run the generation recorded in one of our outputs (mp4, PNG or latent): its settings, seed and "
+        "model paths; flags given alongside override them",
+    )
+    modes.add_argument(
+        "--show_metadata",
+        type=str,
+        default=None,
+        metavar="FILE",
+        help="print the generation recorded in one of our outputs as a command line and exit",
+    )
     return p
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`1,2,3` -> [1, 2, 3] (argparse type of --seeds)."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -228,6 +294,13 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--save_path is required")
     if args.from_file and args.interactive:
         raise ValueError("--from_file and --interactive cannot be used together")
+    if args.from_metadata and (args.from_file or args.interactive or args.latent_path):
+        raise ValueError("--from_metadata re-runs one generation: not with --from_file, --interactive or --latent_path")
+    if args.skip_done and args.no_metadata:
+        raise ValueError("--skip_done recognizes finished outputs by their metadata: not with --no_metadata")
+    if args.seeds and args.n_seeds:
+        raise ValueError("give --seeds or --n_seeds, not both")
+    check_positive("--n_seeds", args.n_seeds)
     decode_only = bool(args.latent_path)
     if not decode_only:
         if not (args.prompt or args.from_file or args.interactive):
@@ -356,7 +429,11 @@ INLINE_OPTIONS = {
     "cim": LineOption("control_image_mask_path", repeat=True),
     "of": LineOption("one_frame_inference"),
     "ev": LineOption("extend_video"),
+    "lw": LineOption("lora_weight"),
+    "lm": LineOption("lora_multiplier"),
+    "n_seeds": LineOption("n_seeds", int),
 }
+NO_LORA = "none"  # `--lw none`: this line without LoRAs
 
 
 def parse_prompt_line(line: str) -> dict:
@@ -381,10 +458,22 @@ def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSetti
             width = value
         elif name == "h":
             height = value
+        elif name == "lw":
+            changes["lora_weight"] = () if value.strip().lower() == NO_LORA else tuple(p for p in value.split(",") if p)
+        elif name == "lm":
+            try:
+                changes["lora_multiplier"] = tuple(float(m) for m in value.split(","))
+            except ValueError:
+                raise PromptLineError(f"--lm {value!r}: expected comma-separated numbers") from None
         else:
             changes[INLINE_OPTIONS[name].field] = value
+    if "lw" in parsed and "lm" not in parsed:
+        changes["lora_multiplier"] = 1.0  # a line's own LoRAs at full strength unless --lm says otherwise
+    if "d" in parsed or "n_seeds" in parsed:
+        changes["seeds"] = None  # the line's own seed choice replaces the command line's --seeds
     settings = base.replace(video_size=(height, width), **changes)
     check_video_size(height, width, "--w/--h")
+    check_line_loras(settings, parsed)
     try:
         check_one_frame_options(settings.one_frame_inference, "--of")
         check_image_spec(settings.image_path, "--i")
@@ -399,4 +488,20 @@ def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSetti
     check_positive("--s", settings.infer_steps)
     check_positive("--f", settings.video_seconds)
     check_positive("--vs", settings.video_sections)
+    check_positive("--n_seeds", settings.n_seeds)
     return settings
+
+
+def check_line_loras(settings: GenerationSettings, parsed: dict) -> None:
+    """A line's --lw / --lm: the files exist and the multiplier count fits."""
+    if "lw" not in parsed and "lm" not in parsed:
+        return
+    for path in settings.lora_weight or ():
+        if not os.path.exists(path):
+            raise PromptLineError(f"--lw {path}: file not found")
+    count = len(settings.lora_weight or ())
+    mult = settings.lora_multiplier
+    mults = [mult] if isinstance(mult, (int, float)) else list(mult or [1.0])
+    if count and len(mults) not in (1, count):
+        raise PromptLineError(f"--lm: give one multiplier for all or one per LoRA ({count}), got {len(mults)}")
+

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from networks.lora_switch import LoraSet, LoraSwitcher, lora_set
 from pipelines.settings import ModelSettings
 from utils.device import clean_memory
 
@@ -53,8 +54,13 @@ class ModelCache:
         device: torch.device,
         keep: bool,
         image_encoder_dtype: torch.dtype | None = None,
+        lora_sets: list[LoraSet] | None = None,
     ):
+        """`lora_sets`: the LoRA sets known in advance when generations switch LoRAs (prompt lines with --lw/--lm,
+        interactive mode); the DiT then gets a LoraSwitcher and `dit(loras)` merges the given set."""
         self.settings, self.device, self.keep = settings, device, keep
+        self.lora_sets = lora_sets
+        self.lora_switcher: LoraSwitcher | None = None
         self.image_encoder_dtype = image_encoder_dtype
         self._text_encoders: TextEncoders | None = None
         self._image_encoder = None
@@ -100,12 +106,22 @@ class ModelCache:
             )
         return self._vae.to(self.device)
 
-    def dit(self):
+    def dit(self, loras: LoraSet | None = None):
+        """The DiT on the device; with a switcher, `loras` (default: the --lora_weight set) merged."""
         if self._dit is None:
-            self._dit = load_dit(self.settings, self.device)
+            self._dit, self.lora_switcher = load_dit(self.settings, self.device, self.lora_sets)
         elif self._dit.block_swap is None:
             self._dit.to(self.device)
+        if self.lora_switcher is not None:
+            self.lora_switcher.apply(model_loras(self.settings) if loras is None else loras)
+        elif loras is not None and loras != model_loras(self.settings):
+            raise ValueError("per-line LoRAs (--lw/--lm) cannot be switched with --lycoris")
         return self._dit
+
+    def restore_base_weights(self) -> None:
+        """Unmerge every switched LoRA (the end of a queue leaves the DiT as loaded, without LoRAs)."""
+        if self.lora_switcher is not None:
+            self.lora_switcher.apply(())
 
     def release_encoders(self) -> None:
         """After encoding: text and image encoders leave the device (kept on the CPU with `keep`)."""
@@ -131,16 +147,35 @@ class ModelCache:
         clean_memory(self.device)
 
 
-def load_dit(settings: ModelSettings, device: torch.device):
-    """Load, merge LoRAs, optionally save the merged model, quantize, place on the device."""
+def model_loras(settings: ModelSettings) -> LoraSet:
+    """The LoRA set of --lora_weight / --lora_multiplier / --include_patterns / --exclude_patterns."""
+    if not settings.lora_weight:
+        return ()
+    s = settings
+    return lora_set(s.lora_weight, s.lora_multiplier, s.include_patterns, s.exclude_patterns)
+
+
+def load_dit(settings: ModelSettings, device: torch.device, lora_sets: list[LoraSet] | None = None):
+    """Load, merge LoRAs, optionally save the merged model, quantize, place on the device -> (model, switcher).
+
+    With `lora_sets` (switching LoRAs between generations) the merge goes through a LoraSwitcher, which keeps base
+    copies of the modules those sets touch, before fp8 quantization, so that later switches are exact.
+    """
     from frame_pack.dit_loader import load_packed_model
     from frame_pack.fp8 import apply_fp8
 
     s = settings
     quantized = s.fp8 or s.fp8_scaled
-    on_device = s.blocks_to_swap == 0 and not quantized and not s.lora_weight
+    switching = lora_sets is not None and not s.lycoris
+    on_device = s.blocks_to_swap == 0 and not quantized and not s.lora_weight and not switching
     model = load_packed_model(s.dit, device if on_device else "cpu", attn_mode=s.attn_mode)
-    if s.lora_weight:
+    switcher = None
+    if switching:
+        switcher = LoraSwitcher(model, device)
+        if quantized:
+            switcher.keep_base(switcher.touched_modules({spec for loras in lora_sets for spec in loras}))
+        switcher.apply(model_loras(s))
+    elif s.lora_weight:
         from networks.lora_merge import merge_lora_files
 
         merge_lora_files(
@@ -157,14 +192,14 @@ def load_dit(settings: ModelSettings, device: torch.device):
 
             save_merged_model(model, s.save_merged_model)
             logger.info(f"merged DiT saved to {s.save_merged_model}")
-            return model
+            return model, None
     if quantized:
         apply_fp8(model, scaled=s.fp8_scaled, device=device, keep_on_device=s.blocks_to_swap == 0)
     model.enable_rope_scaling(s.rope_scaling_timestep_threshold, s.rope_scaling_factor)
     if s.blocks_to_swap > 0:
         model.enable_block_swap(s.blocks_to_swap, device)
     model.move_to_device_except_swap_blocks(device)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), switcher
 
 
 def dit_dtype(model) -> torch.dtype:

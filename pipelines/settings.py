@@ -19,6 +19,9 @@ def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+_LINE_ONLY = ("lora_weight", "lora_multiplier")
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """What to generate and how to save it (the flags of `fpack_generate_video.py` that are not about models)."""
@@ -52,11 +55,21 @@ class GenerationSettings:
     prompt_blend_sections: int = 0  # sections over which text embeddings move to the next prompt (0: switch at once)
     extend_video: str | None = None  # mp4 or saved latent to continue
     extend_context_frames: int | None = None  # None: the model's default (frame_pack.extend)
+    seeds: tuple[int, ...] | None = None  # one generation per seed
+    n_seeds: int | None = None  # seeds seed, seed+1, ... (random ones without a seed)
+    one_frame_auto_resize: bool = False
+    preview: str | None = None  # "mp4" or "png"
+    # The LoRAs of this generation (a prompt line's --lw / --lm); None: those merged at load (ModelSettings).
+    lora_weight: tuple[str, ...] | None = None
+    lora_multiplier: tuple[float, ...] | float | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GenerationSettings:
-        """Every field from the flag of the same name (the namespace must have them all)."""
-        return cls(**{f.name: _frozen(getattr(args, f.name)) for f in dataclasses.fields(cls)})
+        """Every field from the flag of the same name (the namespace must have them all), except the LoRA fields:
+        on the command line the LoRAs are the models' (ModelSettings); only a prompt line sets them here."""
+        return cls(
+            **{f.name: _frozen(getattr(args, f.name)) for f in dataclasses.fields(cls) if f.name not in _LINE_ONLY}
+        )
 
     def replace(self, **changes: Any) -> GenerationSettings:
         """A copy with some fields changed (lists are frozen to tuples)."""

@@ -230,6 +230,8 @@ def test_prompt_line_grammar():
         (["--save_merged_model", "x.safetensors"], "--save_merged_model needs --lora_weight"),
         (["--image_path", "missing.png"], "--image_path missing.png: file not found"),
         (["--infer_steps", "0"], "--infer_steps must be > 0"),
+        (["--skip_done", "--no_metadata"], "--skip_done recognizes finished outputs by their metadata"),
+        (["--seeds", "1,x"], "argument --seeds: expected comma-separated integers"),
     ],
 )
 def test_bad_flags_fail_before_loading_with_the_flag_named(models, images, tmp_path, extra, message, capsys):

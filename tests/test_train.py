@@ -536,6 +536,8 @@ def test_sampling_during_training_writes_samples_and_leaves_the_training_unchang
     import numpy as np
     from PIL import Image
 
+    from utils.video_io import read_video_frames
+
     image = tmp_path / "start.png"
     Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(image)
     prompts = tmp_path / "prompts.txt"
@@ -551,10 +553,14 @@ def test_sampling_during_training_writes_samples_and_leaves_the_training_unchang
         "2",
         "--latent_window_size",
         LWS,
+        "--sample_preview",
         *sample_model_files(models),
     ]
     sampled = train(models, single, tmp_path / "sampled", *flags, steps=2)
-    files = sorted(os.listdir(sampled / "sample"))
+    previews = sorted(f for f in os.listdir(sampled / "sample") if f.endswith("_7_preview.mp4"))
+    assert len(previews) == 3  # one section: the preview holds its LWS latent frames and the start frame
+    assert all(read_video_frames(str(sampled / "sample" / f)).shape == (LWS + 1, 4, 6, 3) for f in previews)
+    files = sorted(f for f in os.listdir(sampled / "sample") if "_preview" not in f)
     assert [f.split("_")[1] for f in files] == ["000002", "e000000", "e000002"]  # step 2 = the end of epoch 2
     assert all(f.startswith("lora_") and f.split("_")[2] == "00" and f.endswith("_7.mp4") for f in files)
     plain = train(models, single, tmp_path / "plain", steps=2)

@@ -14,6 +14,7 @@ import sys
 import toml
 
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
+from hunyuan_model.latent_preview import PREVIEW_FORMATS
 from pipelines.flags import (
     add_blocks_to_swap_flag,
     add_f1_flag,
@@ -194,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="prompt file (.txt, .toml or .json); lines take --w --h --f --d --s --g --l --n --i --ci --of",
+    )
+    g.add_argument(
+        "--sample_preview",
+        type=str,
+        nargs="?",
+        const="mp4",
+        default=None,
+        choices=PREVIEW_FORMATS,
+        help="while a sample is generated, write <sample>_preview.mp4 (or .png) after each section: latents mapped "
+        "to RGB without the VAE (not in musubi)",
     )
 
     g = p.add_argument_group("optimizer and learning rate")

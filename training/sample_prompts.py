@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from hunyuan_model.frame_math import pixel_frames, round_to_4n_plus_1, sections_in_clip
+from hunyuan_model.latent_preview import preview_path, write_preview
 from pipelines import generate as G
 from pipelines.generate_args import check_video_size
 from pipelines.models import ModelCache
@@ -208,17 +209,24 @@ class SampleGenerator:
         args, settings = self.args, sample.settings
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
         logger.info(f"sample {sample.enum}: {settings.prompt!r}, seed {seed}, {settings.width}x{settings.height}")
-        latent = G.generate_latent(settings, dit, sample.inputs, seed, self.device)
-        vae = self.models.vae()
-        pixels = G.decode_video(vae, latent, settings.latent_window_size, settings.bulk_decode, settings.one_frame)
-        self.models.offload_vae()
-        frames = to_uint8_frames(pixels)
         folder = os.path.join(args.output_dir, SAMPLE_FOLDER)
         os.makedirs(folder, exist_ok=True)
         number = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"
         prefix = f"{args.output_name}_" if args.output_name else ""
         suffix = f"_{settings.seed}" if settings.seed is not None else ""
         base = f"{prefix}{number}_{sample.enum:02d}_{time.strftime('%Y%m%d%H%M%S', time.localtime())}{suffix}"
+        on_section = None
+        if getattr(args, "sample_preview", None):
+            preview = preview_path(folder, base, args.sample_preview)
+
+            def on_section(latent):
+                write_preview(latent, preview, SAMPLE_FPS)
+
+        latent = G.generate_latent(settings, dit, sample.inputs, seed, self.device, on_section)
+        vae = self.models.vae()
+        pixels = G.decode_video(vae, latent, settings.latent_window_size, settings.bulk_decode, settings.one_frame)
+        self.models.offload_vae()
+        frames = to_uint8_frames(pixels)
         if len(frames) == 1:
             return save_images(frames, folder, base)
         return [save_video(frames, os.path.join(folder, base + ".mp4"), SAMPLE_FPS)]

@@ -15,6 +15,7 @@ VIDEO_CODEC = "libx264"
 VIDEO_PIX_FMT = "yuv420p"
 VIDEO_BIT_RATE = 4_000_000
 METADATA_KEY = "comment"  # mp4 tag that ffprobe and most players show; holds the settings as JSON
+PNG_METADATA_KEY = "parameters"  # PNG text chunk holding the settings as JSON
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
@@ -65,6 +66,13 @@ def read_video_metadata(path: str) -> dict:
     return json.loads(text) if text else {}
 
 
+def read_png_metadata(path: str) -> dict:
+    """The settings `save_images` stored in a PNG's text chunk ({} when none)."""
+    with Image.open(path) as image:
+        text = image.text.get(PNG_METADATA_KEY) if hasattr(image, "text") else None
+    return json.loads(text) if text else {}
+
+
 def read_video_frames(path: str) -> np.ndarray:
     """All frames of a video as (T, H, W, 3) uint8 RGB."""
     with av.open(path) as container:
@@ -77,7 +85,7 @@ def save_images(frames: np.ndarray, folder: str, name: str, metadata: dict | Non
     info = None
     if metadata:
         info = PngInfo()
-        info.add_text("parameters", json.dumps(metadata, ensure_ascii=False))
+        info.add_text(PNG_METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
     paths = []
     for i, frame in enumerate(frames):
         path = os.path.join(folder, f"{name}_{i:03d}.png")
