@@ -2,7 +2,6 @@
 
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from frame_pack.hunyuan_video_packed import (
     unpatchify,
 )
 from tests.factory import dims
-from tests.factory.dit import KIJAI_NAME, tiny_dit_config, tiny_dit_state_dict, write_dit_sharded, write_dit_single
+from tests.factory.dit import tiny_dit_config, tiny_dit_state_dict, write_dit_sharded, write_dit_single
 from utils.safetensors_utils import WeightFileError, save_safetensors
 
 LWS = 9
@@ -75,21 +74,6 @@ def fp32_model(config=None, seed=0):
 
 
 # ---- layouts and config ---------------------------------------------------------------------------------------
-
-
-def test_every_layout_loads_identical_parameters(tiny_dit_files, tmp_path):
-    folder = tiny_dit_files["sharded"]
-    expected = tiny_dit_state_dict()
-    first_shard = os.path.join(folder, "diffusion_pytorch_model-00001-of-00003.safetensors")
-    snapshot = tmp_path / "models--lllyasviel--FramePackI2V_HY" / "snapshots" / "0123abc"
-    shutil.copytree(folder, snapshot)
-    os.remove(snapshot / "diffusion_pytorch_model.safetensors.index.json")  # glob + shard family path
-    for path in (folder, first_shard, str(snapshot), tiny_dit_files["single"]):
-        state = load_packed_model(path).state_dict()
-        assert state.keys() == expected.keys(), path
-        for k, v in expected.items():
-            assert state[k].dtype == torch.bfloat16
-            assert torch.equal(state[k], v), (path, k)
 
 
 def test_config_read_from_shapes_without_flags(tmp_path):
@@ -168,30 +152,7 @@ def test_full_size_model_on_meta_device_matches_the_public_checkpoint():
 # ---- wrong files -------------------------------------------------------------------------------------------------
 
 
-def test_wrong_files_are_refused_with_the_flag_and_file(tiny_dit_files, tmp_path):
-    vae_like = tmp_path / "vae.safetensors"
-    save_safetensors({"decoder.conv_in.conv.weight": torch.zeros(2, 2)}, vae_like)
-    with pytest.raises(WeightFileError, match=r"--dit .*vae.safetensors.*FramePack DiT.*VAE.*--vae"):
-        load_packed_model(str(vae_like))
-
-    clip_like = tmp_path / "clip_l.safetensors"
-    save_safetensors({"text_model.embeddings.token_embedding.weight": torch.zeros(2, 2)}, clip_like)
-    with pytest.raises(WeightFileError, match=r"CLIP text encoder.*--text_encoder2"):
-        load_packed_model(str(clip_like))
-
-    truncated = tmp_path / KIJAI_NAME
-    data = open(tiny_dit_files["single"], "rb").read()
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightFileError, match=r"--dit .*FramePackI2V_HY_bf16.safetensors.*truncated"):
-        load_packed_model(str(truncated))
-
-    shards = tmp_path / "shards"
-    shutil.copytree(tiny_dit_files["sharded"], shards)
-    os.remove(shards / "diffusion_pytorch_model-00002-of-00003.safetensors")
-    os.remove(shards / "diffusion_pytorch_model.safetensors.index.json")
-    with pytest.raises(WeightFileError, match=r"missing.*00002-of-00003"):
-        load_packed_model(str(shards / "diffusion_pytorch_model-00001-of-00003.safetensors"))
-
+def test_incomplete_and_non_safetensors_files_are_refused(tmp_path):
     partial = tmp_path / "partial.safetensors"
     state = tiny_dit_state_dict()
     del state["single_transformer_blocks.1.proj_out.weight"]
@@ -203,9 +164,6 @@ def test_wrong_files_are_refused_with_the_flag_and_file(tiny_dit_files, tmp_path
     not_st.write_text("hello, this is not a checkpoint at all")
     with pytest.raises(WeightFileError, match="notes.safetensors"):
         load_packed_model(str(not_st))
-
-    with pytest.raises(WeightFileError, match="no such file"):
-        load_packed_model(str(tmp_path / "absent.safetensors"))
 
 
 # ---- forward math --------------------------------------------------------------------------------------------

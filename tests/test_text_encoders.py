@@ -84,11 +84,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
 
 
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
-
-
 # --- template and tokenizers ----------------------------------------------------------------------------------
 
 
@@ -178,12 +173,6 @@ def test_missing_local_tokenizer_folder_is_refused(tmp_path):
 # --- loading ----------------------------------------------------------------------------------------------------
 
 
-def test_llama_loads_identically_from_every_layout(files, llama):
-    assert llama.dtype == torch.float16
-    for path in (files.llama_shard, files.snapshot, files.snapshot / "text_encoder"):
-        assert _same_weights(llama, load_text_encoder1(path))
-
-
 def test_llama_config_from_shapes(llama):
     c = llama.config
     assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size) == (
@@ -209,10 +198,7 @@ def test_single_file_keeps_its_dtype(tmp_path):
     assert load_text_encoder1(path).dtype == torch.float32
 
 
-def test_clip_loads_identically_from_every_layout(files, clip):
-    assert clip.dtype == torch.float16
-    for path in (files.clip_hf, files.snapshot, files.snapshot / "text_encoder_2"):
-        assert _same_weights(clip, load_text_encoder2(path))
+def test_clip_config_from_shapes(clip):
     c = clip.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (dims.CLIP_HIDDEN, dims.CLIP_LAYERS, 1)
     assert (c.max_position_embeddings, c.eos_token_id, c.pad_token_id, c.bos_token_id) == (77, 2, 1, 0)
@@ -303,40 +289,11 @@ def test_fp8_llm_runs_and_stays_close(files, tokenizer1, llama):
 # --- wrong files ------------------------------------------------------------------------------------------------
 
 
-def _fake(path, keys):
-    save_safetensors({k: torch.zeros(2, 2) for k in keys}, path)
-    return path
-
-
 @pytest.fixture
 def no_tensor_loading(monkeypatch):
     import hunyuan_model.encoder_loader as loader_module
 
     monkeypatch.setattr(loader_module, "load_state_dict", lambda *a, **k: pytest.fail("tensors read before the check"))
-
-
-@pytest.mark.parametrize(
-    ("keys", "family"),
-    [
-        (["transformer_blocks.0.attn.to_q.weight", "x_embedder.proj.weight"], "DiT"),
-        (["decoder.up_blocks.0.resnets.0.conv1.conv.weight", "encoder.down_blocks.0.resnets.0.norm1.weight"], "VAE"),
-        (["vision_model.embeddings.patch_embedding.weight"], "SigLIP"),
-    ],
-)
-def test_wrong_files_are_refused_before_loading(tmp_path, no_tensor_loading, keys, family):
-    path = _fake(tmp_path / "wrong.safetensors", keys)
-    for loader, flag in ((load_text_encoder1, "--text_encoder1"), (load_text_encoder2, "--text_encoder2")):
-        with pytest.raises(WeightFileError) as e:
-            loader(path)
-        assert flag in str(e.value) and str(path) in str(e.value) and family in str(e.value)
-        assert "expected" in str(e.value)
-
-
-def test_swapped_text_encoders_are_refused(files, no_tensor_loading):
-    with pytest.raises(WeightFileError, match=r"--text_encoder1 .*clip_l\.safetensors.*CLIP.*expected text encoder 1"):
-        load_text_encoder1(files.clip_comfy)
-    with pytest.raises(WeightFileError, match=r"--text_encoder2 .*llava_llama3.*LLaMA.*expected text encoder 2"):
-        load_text_encoder2(files.llama_comfy)
 
 
 def test_incomplete_llama_is_refused(tmp_path, no_tensor_loading):
@@ -345,14 +302,6 @@ def test_incomplete_llama_is_refused(tmp_path, no_tensor_loading):
     save_safetensors(state, tmp_path / "partial.safetensors")
     with pytest.raises(WeightFileError, match=r"--text_encoder1 .*partial\.safetensors.*missing.*up_proj"):
         load_text_encoder1(tmp_path / "partial.safetensors")
-
-
-def test_truncated_file_is_refused(files, tmp_path):
-    data = files.clip_comfy.read_bytes()
-    path = tmp_path / "clip_l.safetensors"
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightFileError, match=r"--text_encoder2 .*clip_l\.safetensors.*truncated"):
-        load_text_encoder2(path)
 
 
 # --- real sizes (shapes only, meta device) ----------------------------------------------------------------------
