@@ -18,7 +18,7 @@ import math
 import os
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -233,11 +233,18 @@ class BaseDataset(torch.utils.data.Dataset):
     def get_all_text_encoder_output_cache_files(self) -> list[str]:
         return cache_paths.list_text_encoder_cache_files(self.cache_directory)
 
-    def retrieve_latent_cache_batches(self, num_workers: int) -> Iterator[tuple[tuple, list[ItemInfo]]]:
+    def retrieve_latent_cache_batches(
+        self, num_workers: int, media: Sequence[int] | None = None
+    ) -> Iterator[tuple[tuple, list[ItemInfo]]]:
+        """Items to cache in batches; `media` picks the media files by index in listing order (all by default), so
+        several processes can each read only their share."""
         raise NotImplementedError
 
-    def retrieve_text_encoder_output_cache_batches(self, num_workers: int) -> Iterator[list[ItemInfo]]:
-        """Caption items (item_key = media path) in listing order, in batches of `batch_size`."""
+    def retrieve_text_encoder_output_cache_batches(
+        self, num_workers: int, media: Sequence[int] | None = None
+    ) -> Iterator[list[ItemInfo]]:
+        """Caption items (item_key = media path) in listing order, in batches of `batch_size`; `media` picks the
+        media files by index (all by default), as for `retrieve_latent_cache_batches`."""
         source = self.datasource
         source.check_captions()
 
@@ -247,7 +254,7 @@ class BaseDataset(torch.utils.data.Dataset):
             return ItemInfo(key, caption, (0, 0), text_encoder_output_cache_path=text_path)
 
         batch: list[ItemInfo] = []
-        for item in ordered_parallel_map(fetch, range(len(source)), num_workers):
+        for item in ordered_parallel_map(fetch, range(len(source)) if media is None else media, num_workers):
             batch.append(item)
             if len(batch) == self.batch_size:
                 yield batch
@@ -400,7 +407,9 @@ class ImageDataset(BaseDataset):
     def _training_bucket_key(self, name: cache_paths.LatentCacheName) -> tuple:
         return self.caching_bucket_key(self.bucket_selector.get_bucket_resolution(name.size))
 
-    def retrieve_latent_cache_batches(self, num_workers: int) -> Iterator[tuple[tuple, list[ItemInfo]]]:
+    def retrieve_latent_cache_batches(
+        self, num_workers: int, media: Sequence[int] | None = None
+    ) -> Iterator[tuple[tuple, list[ItemInfo]]]:
         """Images resized to their bucket (controls to the same bucket), grouped by `caching_bucket_key`."""
         source = self.datasource
         source.check_captions()
@@ -424,7 +433,7 @@ class ImageDataset(BaseDataset):
                 fp_1f_no_post=self.fp_1f_no_post,
             )
 
-        items = ordered_parallel_map(fetch, range(len(source)), num_workers)
+        items = ordered_parallel_map(fetch, range(len(source)) if media is None else media, num_workers)
         yield from _bucketed_batches(items, self.batch_size)
 
     def get_metadata(self) -> dict:
@@ -506,7 +515,9 @@ class VideoDataset(BaseDataset):
             self.max_frames,
         )
 
-    def retrieve_latent_cache_batches(self, num_workers: int) -> Iterator[tuple[tuple, list[ItemInfo]]]:
+    def retrieve_latent_cache_batches(
+        self, num_workers: int, media: Sequence[int] | None = None
+    ) -> Iterator[tuple[tuple, list[ItemInfo]]]:
         """Every crop of every video as an item, grouped by (W, H, crop length, lws)."""
         source = self.datasource
         source.check_captions()
@@ -541,7 +552,8 @@ class VideoDataset(BaseDataset):
                 logger.warning(f"{path}: {len(video)} frames, shorter than every target_frames {self.target_frames}")
             return items
 
-        items = (item for crops in ordered_parallel_map(fetch, range(len(source)), num_workers) for item in crops)
+        indices = range(len(source)) if media is None else media
+        items = (item for crops in ordered_parallel_map(fetch, indices, num_workers) for item in crops)
         yield from _bucketed_batches(items, self.batch_size)
 
     def get_metadata(self) -> dict:

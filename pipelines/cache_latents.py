@@ -67,13 +67,14 @@ from pipelines.flags import add_device_flag, add_f1_flag, add_model_path, add_va
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
 from utils.cli import HelpFormatter
-from utils.device import resolve_device
+from utils.distributed import SINGLE_PROCESS, Processes, run_in_processes
 from utils.safetensors_utils import WeightFileError, resolve_weight_files
 
 logger = logging.getLogger(__name__)
 
 LATENT_DTYPE = torch.float16  # cached latents and image embeddings are float16, as musubi-tuner's
 DEFAULT_ONE_FRAME_CLEAN_INDICES = (0,)
+CACHING_ERRORS = (CachingError, DatasetConfigError, MediaError, WeightFileError)  # reported without a traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,13 +381,16 @@ def check_model_paths(args: argparse.Namespace) -> None:
     resolve_weight_files(args.image_encoder, "--image_encoder", subfolder="image_encoder")
 
 
-def cache_dataset(index: int, dataset: ImageDataset | VideoDataset, cacher: LatentCacher, args) -> None:
-    """Cache every item of one dataset (skipping complete ones with --skip_existing), then remove stale files."""
+def cache_dataset(
+    index: int, dataset: ImageDataset | VideoDataset, cacher: LatentCacher, args, media: list[int] | None = None
+) -> list[str]:
+    """Cache the items of one dataset's media files (`media` by index, all by default; complete ones skipped with
+    --skip_existing); returns every file those items have."""
     logger.info(f"Caching dataset [{index}] into {dataset.cache_directory}")
     expected: list[str] = []
-    total = None if dataset.is_video else len(dataset.datasource)
+    total = None if dataset.is_video else len(dataset.datasource) if media is None else len(media)
     with tqdm(total=total, unit="item", desc=f"dataset {index}") as progress:
-        for _, batch in dataset.retrieve_latent_cache_batches(resolve_num_workers(args.num_workers)):
+        for _, batch in dataset.retrieve_latent_cache_batches(resolve_num_workers(args.num_workers), media):
             for item in batch:
                 progress.update(1)
                 files = cacher.files(item)
@@ -400,34 +404,44 @@ def cache_dataset(index: int, dataset: ImageDataset | VideoDataset, cacher: Late
                     logger.info(f"{item.item_key}: redoing, {problems[0][0]}: {problems[0][1]}")
                 logger.info(f"caching {item.item_key}: {len(files)} file(s)")
                 cacher.cache(item, files)
-    remove_stale_files(dataset.get_all_latent_cache_files(), expected, args.keep_cache)
+    return expected
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None:
+    """Cache this process's share of the media files (all of them in a single process); once every process is done,
+    the main process removes the stale files of each dataset."""
     check_args(args)
     logger.info(f"Load dataset config from {args.dataset_config}")
     datasets = build_dataset_group(load_dataset_params(args.dataset_config, args), seed=0).datasets
     if args.debug_mode is not None:
-        num_workers = resolve_num_workers(args.num_workers)
-        show_datasets(
-            datasets, args.debug_mode, num_workers, args.console_width, args.console_back, args.console_num_images
-        )
+        if processes.is_main:
+            num_workers = resolve_num_workers(args.num_workers)
+            show_datasets(
+                datasets, args.debug_mode, num_workers, args.console_width, args.console_back, args.console_num_images
+            )
         return
     check_datasets(datasets, args)
     check_model_paths(args)
     mode = "one-frame" if args.one_frame else "F1 (vanilla sampling)" if args.f1 else "inverted anti-drifting"
     logger.info(f"Cache mode: {mode}")
-    cacher = LatentCacher(args, resolve_device(args.device))
-    for index, dataset in enumerate(datasets):
-        cache_dataset(index, dataset, cacher, args)
+    cacher = LatentCacher(args, processes.device(args.device))
+
+    def cache_share() -> list[list[str]]:
+        expected, first = [], 0
+        for index, dataset in enumerate(datasets):
+            media = processes.share_of_range(first, len(dataset.datasource))
+            expected.append(cache_dataset(index, dataset, cacher, args, media))
+            first += len(dataset.datasource)
+        return expected
+
+    shares = processes.run_share(cache_share, CACHING_ERRORS)
+    if processes.is_main:
+        for index, dataset in enumerate(datasets):
+            expected = [path for share in shares for path in share[index]]
+            remove_stale_files(dataset.get_all_latent_cache_files(), expected, args.keep_cache)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (CachingError, DatasetConfigError, MediaError, WeightFileError) as e:
-        logger.error(str(e))
-        return 1
-    return 0
+    return run_in_processes(lambda processes: run(args, processes), CACHING_ERRORS)

@@ -43,7 +43,7 @@ from hunyuan_model.tokenizers import TokenizerUnavailableError
 from pipelines.flags import add_device_flag, add_fp8_llm_flag, add_model_path, add_tokenizer_flags
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
-from utils.device import resolve_device
+from utils.distributed import SINGLE_PROCESS, Processes, run_in_processes
 from utils.safetensors_utils import SAFETENSORS_DTYPES, WeightFileError, read_header, resolve_weight_files
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 LLAMA_VEC_PREFIX = "llama_vec_"
 LLAMA_MASK_KEY = "llama_attention_mask"
 CLIP_POOLER_PREFIX = "clip_l_pooler_"
+# reported without a traceback
+CACHING_ERRORS = (CachingError, DatasetConfigError, MediaError, WeightFileError, TokenizerUnavailableError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,39 +119,52 @@ def check_model_paths(args: argparse.Namespace) -> None:
     resolve_weight_files(args.text_encoder2, "--text_encoder2", subfolder="text_encoder_2")
 
 
-def run(args: argparse.Namespace) -> None:
+def cache_dataset(index: int, dataset, cacher: TextEncoderCacher, args, media: list[int] | None = None) -> list[str]:
+    """Cache the captions of one dataset's media files (`media` by index, all by default; complete ones skipped with
+    --skip_existing); returns their cache paths."""
+    logger.info(f"Caching text encoder outputs of dataset [{index}] into {dataset.cache_directory}")
+    expected: list[str] = []
+    total = len(dataset.datasource) if media is None else len(media)
+    with tqdm(total=total, unit="caption", desc=f"dataset {index}") as progress:
+        for batch in dataset.retrieve_text_encoder_output_cache_batches(resolve_num_workers(args.num_workers), media):
+            for item in batch:
+                progress.update(1)
+                path = item.text_encoder_output_cache_path
+                expected.append(path)
+                if args.skip_existing:
+                    problem = text_cache_problem(path, item.caption)
+                    if problem is None:
+                        logger.debug(f"{item.item_key}: text cache complete, skipped")
+                        continue
+                    logger.info(f"{item.item_key}: redoing {path}: {problem}")
+                cacher.cache(item)
+    return expected
+
+
+def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None:
+    """Cache this process's share of the captions (all of them in a single process); once every process is done, the
+    main process removes the stale files."""
     check_common_arguments(args)
     logger.info(f"Load dataset config from {args.dataset_config}")
     datasets = build_dataset_group(load_dataset_params(args.dataset_config, args), seed=0).datasets
     check_model_paths(args)
     existing = [path for dataset in datasets for path in dataset.get_all_text_encoder_output_cache_files()]
-    cacher = TextEncoderCacher(args, resolve_device(args.device))
-    num_workers = resolve_num_workers(args.num_workers)
-    expected: list[str] = []
-    for index, dataset in enumerate(datasets):
-        logger.info(f"Caching text encoder outputs of dataset [{index}] into {dataset.cache_directory}")
-        with tqdm(total=len(dataset.datasource), unit="caption", desc=f"dataset {index}") as progress:
-            for batch in dataset.retrieve_text_encoder_output_cache_batches(num_workers):
-                for item in batch:
-                    progress.update(1)
-                    path = item.text_encoder_output_cache_path
-                    expected.append(path)
-                    if args.skip_existing:
-                        problem = text_cache_problem(path, item.caption)
-                        if problem is None:
-                            logger.debug(f"{item.item_key}: text cache complete, skipped")
-                            continue
-                        logger.info(f"{item.item_key}: redoing {path}: {problem}")
-                    cacher.cache(item)
-    remove_stale_files(existing, expected, args.keep_cache)
+    cacher = TextEncoderCacher(args, processes.device(args.device))
+
+    def cache_share() -> list[str]:
+        expected, first = [], 0
+        for index, dataset in enumerate(datasets):
+            media = processes.share_of_range(first, len(dataset.datasource))
+            expected += cache_dataset(index, dataset, cacher, args, media)
+            first += len(dataset.datasource)
+        return expected
+
+    shares = processes.run_share(cache_share, CACHING_ERRORS)
+    if processes.is_main:
+        remove_stale_files(existing, [path for share in shares for path in share], args.keep_cache)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (CachingError, DatasetConfigError, MediaError, WeightFileError, TokenizerUnavailableError) as e:
-        logger.error(str(e))
-        return 1
-    return 0
+    return run_in_processes(lambda processes: run(args, processes), CACHING_ERRORS)

@@ -53,7 +53,7 @@ from pipelines.run_metadata import (
     settings_to_metadata,
 )
 from pipelines.settings import GenerationSettings, ModelSettings, lora_multipliers
-from utils.device import resolve_device
+from utils.distributed import SINGLE_PROCESS, Processes, launched_processes, launched_rank, start_processes
 from utils.video_io import save_images, save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
@@ -358,13 +358,17 @@ def decode_video(vae, latent: torch.Tensor, lws: int, bulk: bool, one_frame: boo
 
 
 def _unique(path: str) -> str:
-    """Never overwrite an earlier output: add -1, -2, ... before the extension when the name is taken."""
+    """Never overwrite an earlier output: add -1, -2, ... before the extension when the name is taken. Among N
+    processes, suffix n belongs to process n mod N (the bare name to the main process), so two processes writing
+    the same second and seed at once never pick the same name."""
+    rank, count = launched_rank(), launched_processes()
     root, ext = os.path.splitext(path)
-    candidate, n = path, 0
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{root}-{n}{ext}"
-    return candidate
+    n = rank
+    while True:
+        candidate = f"{root}-{n}{ext}" if n else path
+        if not os.path.exists(candidate):
+            return candidate
+        n += count
 
 
 def time_flag_now() -> str:
@@ -569,14 +573,21 @@ def batch_lora_sets(base: GenerationSettings, models: ModelSettings, lines: list
 
 
 def run_batch(
-    base: GenerationSettings, models: ModelCache, prompt_file: str, device: torch.device, skip_done: bool = False
+    base: GenerationSettings,
+    models: ModelCache,
+    prompt_file: str,
+    device: torch.device,
+    skip_done: bool = False,
+    processes: Processes = SINGLE_PROCESS,
 ) -> int:
-    """Every prompt line in turn with models loaded once; a bad line is reported and the others still run."""
+    """Every prompt line in turn with models loaded once; a bad line is reported and the others still run. Among
+    several processes, prompt i of the file goes to process i mod N; the main process reports the failed lines of
+    all, and every process exits 1 if any line failed."""
     lines = read_prompt_file(prompt_file)
     models.lora_sets = batch_lora_sets(base, models.settings, lines)
     done = FinishedJobs.scan(base.save_path) if skip_done else None
     failed = []
-    for index, (number, line) in enumerate(lines, start=1):
+    for index, (number, line) in processes.share(list(enumerate(lines, start=1))):
         logger.info(f"prompt {index}/{len(lines)} (line {number} of {prompt_file})")
         try:
             run_line(base, line, models, device, done)
@@ -584,8 +595,10 @@ def run_batch(
             logger.error(f"{prompt_file}:{number}: {e}")
             failed.append(number)
     models.restore_base_weights()
-    if failed:
-        logger.error(f"{len(failed)} of {len(lines)} prompts failed (lines {', '.join(map(str, failed))})")
+    failed = sorted(processes.gather(failed))
+    if failed and processes.is_main:
+        lines_failed = ", ".join(map(str, failed))
+        logger.error(f"{len(lines) - len(failed)} of {len(lines)} prompts done; failed: line {lines_failed}")
     return 1 if failed else 0
 
 
@@ -619,10 +632,13 @@ def run_interactive(
             logger.warning("interrupted; enter the next prompt (Ctrl+D to quit)")
 
 
-def run_decode_only(base: GenerationSettings, models: ModelCache, latent_paths: list[str]) -> int:
+def run_decode_only(
+    base: GenerationSettings, models: ModelCache, latent_paths: list[str], processes: Processes = SINGLE_PROCESS
+) -> int:
     """--latent_path: decode saved latents (ours or musubi-tuner's) with the current --output_type; the window size
-    and one-frame options stored in a file's metadata take precedence."""
-    for path in latent_paths:
+    and one-frame options stored in a file's metadata take precedence. Among several processes, latent i goes to
+    process i mod N."""
+    for path in processes.share(latent_paths):
         latent, meta = load_latent(path)
         seed = int(meta.get("seeds", 0))
         settings = base
@@ -653,8 +669,11 @@ def main(argv: list[str] | None = None) -> int:
         validate_args(args)
     except (ValueError, MetadataError) as e:
         parser.error(str(e))
-    device = resolve_device(args.device)
-    logger.info(f"device {device}")
+    if args.interactive and launched_processes() > 1:
+        parser.error("--interactive reads one terminal: run it as a single process")
+    processes = start_processes()
+    device = processes.device(args.device)
+    logger.info(f"device {device}" + (f" (process {processes.rank} of {processes.count})" if processes.several else ""))
     if args.attn_mode not in ("torch", "sdpa"):
         from frame_pack.attention import AttentionBackendError, check_attn_mode
 
@@ -666,11 +685,14 @@ def main(argv: list[str] | None = None) -> int:
     keep = bool(args.latent_path or args.from_file or args.interactive) or len(line_seeds(settings)) > 1
     models = ModelCache(ModelSettings.from_args(args), device, keep=keep)
     if args.latent_path:
-        return run_decode_only(settings, models, args.latent_path)
+        return run_decode_only(settings, models, args.latent_path, processes)
     if args.from_file:
-        return run_batch(settings, models, args.from_file, device, args.skip_done)
+        return run_batch(settings, models, args.from_file, device, args.skip_done, processes)
     if args.interactive:
         return run_interactive(settings, models, device, skip_done=args.skip_done)
+    if not processes.is_main:
+        logger.info("one prompt: the main process renders it")
+        return 0
     try:
         run_one(settings, models, device, FinishedJobs.scan(settings.save_path) if args.skip_done else None)
     except ExtendVideoError as e:  # found when the whole video is read, still before any model loads

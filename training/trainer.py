@@ -40,6 +40,7 @@ from training.rng import preserved_rng
 from training.timesteps import fixed_timestep_input, loss_weighting, noisy_model_input_and_timesteps, show_timesteps
 from training.tracking import LossRecorder, init_trackers, logging_directory, resolve_trackers, step_logs
 from training.validation import Validator, load_datasets
+from utils.distributed import cpu_only_group, launched_processes, process_group_backend
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,10 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     without CUDA (torchrun on CPUs) use gloo."""
     logging_dir = logging_directory(args)
     log_with = resolve_trackers(args, logging_dir)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = []
-    if distributed:
+    if launched_processes() > 1:
         timeout = timedelta(minutes=args.ddp_timeout) if args.ddp_timeout else None
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
+        handlers.append(InitProcessGroupKwargs(backend=process_group_backend(), timeout=timeout))
     if args.ddp_gradient_as_bucket_view or args.ddp_static_graph:
         handlers.append(
             DistributedDataParallelKwargs(
@@ -116,7 +115,7 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
         project_dir=logging_dir,
         dynamo_plugin=dynamo,
         kwargs_handlers=handlers,
-        cpu=distributed and not torch.cuda.is_available(),
+        cpu=cpu_only_group(),
     )
     logger.info(
         f"accelerator: {accelerator.distributed_type}, {accelerator.num_processes} process(es), "
