@@ -507,7 +507,7 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
         self.rope_scaling_factor = 1.0
         self.rope_scaling_timestep_threshold: float | None = None
         self.block_swap = None  # frame_pack.block_swap.BlockSwap, set by enable_block_swap
-        self.teacache = None  # frame_pack.teacache.TeaCache, set by enable_teacache
+        self.step_cache = None  # a frame_pack.step_cache cache (TeaCache, MagCache), set per sampling run
 
     # ---- switches ----------------------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, cpu_offload: bool = False):
@@ -526,15 +526,6 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
             self.rope_scaling_timestep_threshold, self.rope_scaling_factor = timestep_threshold, factor
         else:
             self.rope_scaling_timestep_threshold, self.rope_scaling_factor = None, 1.0
-
-    def enable_teacache(self, num_steps: int, threshold: float) -> None:
-        """(Re)start TeaCache for a sampling run of `num_steps` model calls; see frame_pack/teacache.py."""
-        from frame_pack.teacache import TeaCache
-
-        self.teacache = TeaCache(num_steps, threshold)
-
-    def disable_teacache(self) -> None:
-        self.teacache = None
 
     def enable_block_swap(self, blocks_to_swap: int, device: torch.device, supports_backward: bool = False):
         from frame_pack.block_swap import BlockSwap
@@ -655,14 +646,15 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
             valid_lengths = [img.shape[1] + int(n) for n in text_lengths]
         attn_opts = dict(mode=self.attn_mode, valid_lengths=valid_lengths, split_attn=self.split_attn)
 
-        if self.teacache is None:
+        cache = self.step_cache
+        if cache is None:
             img = self._run_blocks(img, txt, temb, rope, attn_opts)
-        elif self.teacache.should_compute(self.transformer_blocks[0].norm1(img, temb)[0]):
+        elif cache.should_compute(lambda: self.transformer_blocks[0].norm1(img, temb)[0]):
             before = img
             img = self._run_blocks(img, txt, temb, rope, attn_opts)
-            self.teacache.previous_residual = img - before
+            cache.record(img - before)
         else:
-            img = img + self.teacache.previous_residual
+            img = cache.apply(img)
 
         img = self._run(self.norm_out, img, temb)[:, -n_noisy:]
         if self.high_quality_fp32_output_for_inference:

@@ -28,11 +28,14 @@ from dataset.buckets import bucket_for_area, resize_image_to_bucket
 from dataset.media import load_image
 from frame_pack import sections as S
 from frame_pack.extend import F1Extension, OriginalExtension, noise_draws_to_skip, resolve_context_frames
+from frame_pack.magcache import format_ratios
 from frame_pack.sampling import flow_match_x0_model, initial_noise, make_generator, sample_flow
+from frame_pack.step_cache import step_cache_on
 from frame_pack.timed_prompts import blend_schedule, blend_text_conditioning, is_timed_prompt, section_prompts
 from hunyuan_model.frame_math import latent_size
 from hunyuan_model.latent_preview import preview_path, write_preview
 from networks.lora_switch import LoraSet, lora_set
+from pipelines.acceleration_args import compile_settings, step_cache_settings
 from pipelines.extend_input import ExtendSource, ExtendVideoError, frames_to_pixels, read_extend_source
 from pipelines.generate_args import apply_prompt_line, build_parser, parse_prompt_line, validate_args
 from pipelines.latent_file import latent_metadata, load_latent, save_latent
@@ -213,8 +216,10 @@ def sample_section(
     image: SectionImage,
     shared: dict,
     noise,
+    section_caches: list | None = None,
 ):
-    """Sample one DiT section; ``text`` is the positive text conditioning (one prompt's, or a blend)."""
+    """Sample one DiT section; ``text`` is the positive text conditioning (one prompt's, or a blend). With a step
+    cache its per-section report is logged (and the cache kept in `section_caches` when given)."""
     device, dtype = noise.device, dit_dtype(dit)
     shared = _to({"image_embeddings": image.embedding, **shared}, device, dtype)
     positive = _to(text, device, dtype)
@@ -229,19 +234,35 @@ def sample_section(
         guidance_rescale=settings.guidance_rescale,
         dtype=dtype,
     )
-    use_teacache = settings.teacache_thresh is not None
-    if use_teacache and settings.guidance_scale != 1.0:
-        logger.warning("--teacache_thresh is ignored with --guidance_scale != 1 (two model calls per step)")
-        use_teacache = False
-    if use_teacache:
-        dit.enable_teacache(settings.infer_steps, settings.teacache_thresh)
-    try:
-        with torch.no_grad():
-            return sample_flow(model_x0, noise, settings.infer_steps, settings.sample_solver).cpu()
-    finally:
-        if use_teacache:
-            logger.info(f"TeaCache skipped the blocks on {dit.teacache.skipped} of {settings.infer_steps} steps")
-            dit.disable_teacache()
+    cache = step_cache_settings(settings).build(
+        settings.infer_steps, branches=1 if settings.guidance_scale == 1.0 else 2
+    )
+    with torch.no_grad(), step_cache_on(dit, cache):
+        latent = sample_flow(model_x0, noise, settings.infer_steps, settings.sample_solver).cpu()
+    if cache is not None:
+        logger.info(f"{cache.name}: {cache.summary()}")
+        ratios = cache.calibration_ratios()
+        if ratios is not None:
+            logger.info(f"MagCache calibrated ratios (for --magcache_mag_ratios): {format_ratios(ratios)}")
+        if section_caches is not None:
+            section_caches.append(cache)
+    return latent
+
+
+def save_magcache_calibration(caches: list, path: str) -> str | None:
+    """Print the calibrated ratios of each section (positive branch) and write them, one line per section."""
+    lines = [format_ratios(r) for r in (cache.calibration_ratios() for cache in caches) if r is not None]
+    if not lines:
+        return None
+    print("MagCache calibration; pass one line to --magcache_mag_ratios:")
+    for line in lines:
+        print(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    logger.info(f"MagCache ratios saved to {path}")
+    return path
 
 
 SectionCallback = Callable[[torch.Tensor], None]
@@ -254,13 +275,15 @@ def generate_latent(
     seed: int,
     device,
     on_section: SectionCallback | None = None,
+    section_caches: list | None = None,
 ) -> torch.Tensor:
     """Sample every section; returns the time-ordered video latent (1, 16, T, h, w) fp32 on the CPU.
 
-    `on_section` gets the video latent generated so far after each section (e.g. to write a preview).
+    `on_section` gets the video latent generated so far after each section (e.g. to write a preview); with a step
+    cache, each section's cache is appended to `section_caches` when given.
     """
     if settings.one_frame:
-        latent = generate_one_frame(settings, dit, inputs, seed, device)
+        latent = generate_one_frame(settings, dit, inputs, seed, device, section_caches)
         if on_section is not None:
             on_section(latent)
         return latent
@@ -300,7 +323,7 @@ def generate_latent(
         noise = initial_noise(generator, S.section_frames(lws), inputs.height, inputs.width).to(device)
         indices, clean = context.section_inputs(plan, image.latent)
         shared = {**indices.batched(1), **clean.as_kwargs()}
-        generated = sample_section(settings, dit, inputs, text, image, shared, noise)
+        generated = sample_section(settings, dit, inputs, text, image, shared, noise, section_caches)
         context.add(plan, generated, image.latent)
         if on_section is not None:
             on_section(context.video_latent())
@@ -318,7 +341,9 @@ def section_context(settings: GenerationSettings, inputs: PreparedInputs):
     return OriginalExtension(inputs.extend_latent, settings.latent_window_size, context_frames, end_latent)
 
 
-def generate_one_frame(settings: GenerationSettings, dit, inputs: PreparedInputs, seed: int, device) -> torch.Tensor:
+def generate_one_frame(
+    settings: GenerationSettings, dit, inputs: PreparedInputs, seed: int, device, section_caches=None
+) -> torch.Tensor:
     """One-frame inference: one noisy frame at `target_index`, control images as clean latents."""
     options = S.parse_one_frame_options(settings.one_frame_inference)
     h, w = latent_size(inputs.height, inputs.width)
@@ -334,7 +359,9 @@ def generate_one_frame(settings: GenerationSettings, dit, inputs: PreparedInputs
     indices = S.one_frame_indices(settings.latent_window_size, len(controls), options)
     noise = initial_noise(make_generator(seed), 1, inputs.height, inputs.width).to(device)
     shared = {**indices.batched(1), **clean.as_kwargs()}
-    return sample_section(settings, dit, inputs, inputs.text[inputs.prompts[0]], inputs.images[0], shared, noise)
+    return sample_section(
+        settings, dit, inputs, inputs.text[inputs.prompts[0]], inputs.images[0], shared, noise, section_caches
+    )
 
 
 # ---- decoding and saving -----------------------------------------------------------------------------------------
@@ -528,8 +555,15 @@ def run_seed(settings: GenerationSettings, models: ModelCache, device, seed, don
     if models.settings.save_merged_model:
         return [models.settings.save_merged_model]
     time_flag = time_flag_now()
-    latent = generate_latent(sized, dit, inputs, seed, device, preview_writer(settings, f"{time_flag}_{seed}"))
+    section_caches = []
+    latent = generate_latent(
+        sized, dit, inputs, seed, device, preview_writer(settings, f"{time_flag}_{seed}"), section_caches
+    )
     models.release_dit()
+    if settings.magcache_calibration:
+        os.makedirs(settings.save_path, exist_ok=True)
+        name = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}_{seed}_magcache_ratios.txt"
+        save_magcache_calibration(section_caches, _unique(os.path.join(settings.save_path, name)))
     if models.settings.blocks_to_swap > 0 and device.type == "cuda":
         time.sleep(5)  # let the swap worker threads finish their last transfers, as musubi-tuner does
     meta = {**latent_metadata(settings, seed, inputs.height, inputs.width), **settings_to_metadata(record)}
@@ -537,6 +571,9 @@ def run_seed(settings: GenerationSettings, models: ModelCache, device, seed, don
         meta["extend_video"] = source.path
         meta["extend_video_latent_frames"] = str(inputs.extend_latent.shape[2])
         meta["extend_context_frames"] = str(resolve_context_frames(settings.extend_context_frames, settings.f1))
+    cache = step_cache_settings(settings).describe()
+    if cache is not None:  # not in musubi-tuner; readers ignore unknown keys
+        meta["step_cache"] = cache
     written = save_outputs(settings, latent, seed, models, meta, time_flag=time_flag)
     if done is not None:
         done.add(record["job"], kinds)
@@ -680,6 +717,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_attn_mode(args.attn_mode)
         except AttentionBackendError as e:
+            parser.error(str(e))
+    compile_with = compile_settings(args)
+    if compile_with is not None and not args.latent_path:
+        from frame_pack.compile import CompileUnavailableError, check_compile_available
+
+        try:
+            check_compile_available(compile_with, device)
+        except CompileUnavailableError as e:
             parser.error(str(e))
     settings = GenerationSettings.from_args(args)
     keep = bool(args.latent_path or args.from_file or args.interactive) or len(line_seeds(settings)) > 1

@@ -17,6 +17,7 @@ from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
 from frame_pack.sections import total_sections
 from frame_pack.timed_prompts import TimedPromptError, is_timed_prompt, section_prompts
 from hunyuan_model.latent_preview import PREVIEW_FORMATS
+from pipelines.acceleration_args import add_compile_args, add_step_cache_args, compile_settings, step_cache_settings
 from pipelines.extend_input import check_extend_video
 from pipelines.flags import (
     add_blocks_to_swap_flag,
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  --lw a.safetensors,b.safetensors LoRAs for this line (none: no LoRA)  --lm 0.8,1.0 their multipliers\n"
             "  --n_seeds K  render K seeds (from --d, else random)\n"
             "A line without --lw/--lm uses the command-line LoRAs; switching merges and unmerges only the modules "
-            "involved (the DiT is not reloaded)."
+            "involved (the DiT is not reloaded).\n"
+            "  --mcrr magcache_retention_ratio  --mct magcache_threshold  --mck magcache_k\n"
+            "  --tct teacache_thresh"
         ),
     )
     models = p.add_argument_group("models")
@@ -214,13 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--fp8", action="store_true", help="store the DiT block weights in fp8")
     mem.add_argument("--fp8_scaled", action="store_true", help="fp8 with a per-tensor scale (better quality)")
     add_fp8_llm_flag(mem)
-    mem.add_argument(
-        "--teacache_thresh",
-        type=float,
-        default=None,
-        help="enable TeaCache with this threshold (upstream FramePack uses 0.15): skips the DiT blocks on steps "
-        "whose input barely changed; faster, slightly different output; needs --guidance_scale 1 (not in musubi)",
-    )
     add_device_flag(mem)
     mem.add_argument(
         "--attn_mode",
@@ -231,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_vae_memory_flags(mem)
     add_blocks_to_swap_flag(mem, MODEL.blocks_to_swap, MAX_BLOCKS_TO_SWAP_INFERENCE)
+    add_compile_args(mem)
+    add_step_cache_args(p.add_argument_group("step caches (skip the DiT blocks on some steps)"))
 
     out = p.add_argument_group("output")
     out.add_argument("--save_path", type=str, default=None, help="output folder (required)")
@@ -323,12 +321,13 @@ def validate_args(args: argparse.Namespace) -> None:
     check_positive("--video_seconds", args.video_seconds)
     check_positive("--video_sections", args.video_sections)
     check_positive("--blocks_to_swap", args.blocks_to_swap, allow_zero=True)
-    check_positive("--teacache_thresh", args.teacache_thresh, allow_zero=True)
     check_positive("--vae_chunk_size", args.vae_chunk_size)
     check_positive("--vae_spatial_tile_sample_min_size", args.vae_spatial_tile_sample_min_size)
     if args.blocks_to_swap > MAX_BLOCKS_TO_SWAP_INFERENCE:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: at most {MAX_BLOCKS_TO_SWAP_INFERENCE}")
     check_one_frame_options(args.one_frame_inference, "--one_frame_inference")
+    step_cache_settings(args)
+    compile_settings(args)
     if args.save_merged_model and not args.lora_weight:
         raise ValueError("--save_merged_model needs --lora_weight (there is nothing to merge)")
     if args.lora_weight:
@@ -432,6 +431,10 @@ INLINE_OPTIONS = {
     "lw": LineOption("lora_weight"),
     "lm": LineOption("lora_multiplier"),
     "n_seeds": LineOption("n_seeds", int),
+    "mcrr": LineOption("magcache_retention_ratio", float),
+    "mct": LineOption("magcache_threshold", float),
+    "mck": LineOption("magcache_k", int),
+    "tct": LineOption("teacache_thresh", float),
 }
 NO_LORA = "none"  # `--lw none`: this line without LoRAs
 
@@ -483,6 +486,10 @@ def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSetti
                 check_image_spec(path, flag)
         check_prompt_times(settings, "prompt")
         check_extension(settings, "--ev")
+    except ValueError as e:
+        raise PromptLineError(str(e)) from None
+    try:
+        step_cache_settings(settings)
     except ValueError as e:
         raise PromptLineError(str(e)) from None
     check_positive("--s", settings.infer_steps)

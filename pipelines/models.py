@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from networks.lora_switch import LoraSet, LoraSwitcher, lora_set
+from pipelines.acceleration_args import compile_settings
 from pipelines.settings import ModelSettings
 from utils.device import clean_memory
 
@@ -199,6 +200,11 @@ def load_dit(settings: ModelSettings, device: torch.device, lora_sets: list[Lora
     if s.blocks_to_swap > 0:
         model.enable_block_swap(s.blocks_to_swap, device)
     model.move_to_device_except_swap_blocks(device)
+    compile_with = compile_settings(s)
+    if compile_with is not None:
+        from frame_pack.compile import compile_blocks
+
+        compile_blocks(model, compile_with)
     return model.eval().requires_grad_(False), switcher
 
 

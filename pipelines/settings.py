@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from frame_pack.magcache import DEFAULT_K, DEFAULT_RETENTION_RATIO, DEFAULT_THRESHOLD
+
 
 def _frozen(value: Any) -> Any:
     """Lists from argparse become tuples, so settings are hashable and cannot be edited in place."""
@@ -48,6 +50,11 @@ class GenerationSettings:
     control_image_mask_path: tuple[str, ...] | None = None
     f1: bool = False
     teacache_thresh: float | None = None
+    magcache_mag_ratios: str | None = None  # comma-separated, "0" = the default ratios; None = MagCache off
+    magcache_retention_ratio: float = DEFAULT_RETENTION_RATIO
+    magcache_threshold: float = DEFAULT_THRESHOLD
+    magcache_k: int = DEFAULT_K
+    magcache_calibration: bool = False
     bulk_decode: bool = False
     save_path: str | None = None
     output_type: str = "video"
@@ -121,6 +128,12 @@ class ModelSettings:
     save_merged_model: str | None = None
     rope_scaling_factor: float = 0.5
     rope_scaling_timestep_threshold: int | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str = "default"
+    compile_dynamic: str | None = None
+    compile_fullgraph: bool = False
+    compile_cache_size_limit: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelSettings:

@@ -15,6 +15,7 @@ import toml
 
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
 from hunyuan_model.latent_preview import PREVIEW_FORMATS
+from pipelines.acceleration_args import add_compile_args, add_step_cache_args, compile_settings, step_cache_settings
 from pipelines.flags import (
     add_blocks_to_swap_flag,
     add_f1_flag,
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamo_mode", type=str, default=None, choices=DYNAMO_MODES, help="torch.compile mode")
     g.add_argument("--dynamo_fullgraph", action="store_true", help="torch.compile fullgraph")
     g.add_argument("--dynamo_dynamic", action="store_true", help="torch.compile dynamic shapes")
+    add_compile_args(g)
 
     g = p.add_argument_group("sampling during training")
     g.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="while a sample is generated, write <sample>_preview.mp4 (or .png) after each section: latents mapped "
         "to RGB without the VAE (not in musubi)",
     )
+    add_step_cache_args(g)
 
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument(
@@ -513,6 +516,14 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--validation_timesteps must be in 1..1000, got {args.validation_timesteps}")
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise ValueError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
+    step_cache_settings(args)
+    compile_with = compile_settings(args)
+    if compile_with is not None:
+        import torch
+
+        from frame_pack.compile import check_compile_available
+
+        check_compile_available(compile_with, "cuda" if torch.cuda.is_available() else "cpu")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     if (args.blocks_to_swap or 0) > MAX_BLOCKS_TO_SWAP_TRAINING:

@@ -56,6 +56,16 @@ MODEL_FLAGS = (
     "vae_spatial_tile_sample_min_size",
 )
 
+# Training flags of the step caches, applied to every sample (the same flags as fpack_generate_video.py).
+STEP_CACHE_FLAGS = (
+    "teacache_thresh",
+    "magcache_mag_ratios",
+    "magcache_retention_ratio",
+    "magcache_threshold",
+    "magcache_k",
+    "magcache_calibration",
+)
+
 # Inline options of a sample prompt line.
 LINE_OPTIONS = {
     "w": LineOption("width", int),
@@ -159,6 +169,7 @@ def generation_settings(args: argparse.Namespace, prompt: dict) -> GenerationSet
         latent_window_size=args.latent_window_size,
         f1=args.f1,
         bulk_decode=args.bulk_decode,
+        **{flag: getattr(args, flag) for flag in STEP_CACHE_FLAGS},
     )
     if args.one_frame:
         return settings.replace(one_frame_inference=prompt.get("one_frame") or "default")

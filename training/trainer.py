@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from frame_pack.sections import CLEAN_2X_FRAMES, CLEAN_4X_FRAMES
+from pipelines.acceleration_args import compile_settings
 from training import checkpoints as C
 from training.args import ATTENTION_FLAGS, attention_mode, parse_args
 from training.data import build_dataloader
@@ -271,6 +272,11 @@ class Trainer:
         swap = bool(args.blocks_to_swap) and dit.block_swap is not None
         # frozen: no DDP wrapper (accelerate would add one on CPU processes), but autocast, placement and dynamo
         self.dit = acc.prepare_model(dit, device_placement=not swap, evaluation_mode=True)
+        compile_with = compile_settings(args)
+        if compile_with is not None:  # after the LoRA took over the Linear forwards, so they are compiled too
+            from frame_pack.compile import compile_blocks
+
+            compile_blocks(acc.unwrap_model(self.dit), compile_with)
         self.dit.train(args.gradient_checkpointing)
         prepared = acc.prepare(network, self.optimizer_info.optimizer, loader, lr_scheduler)
         self.network, self.optimizer, self.loader, self.lr_scheduler = prepared

@@ -30,26 +30,50 @@ def tiny_dit_config(**overrides) -> PackedDiTConfig:
     return replace(config, **overrides)
 
 
-def tiny_dit_state_dict(seed: int = 0, config: PackedDiTConfig | None = None, dtype=torch.bfloat16) -> dict:
-    """Seeded weights: 1-D norm weights 1, norm biases 0, other tensors N(0, 1/fan_in) so activations stay O(1)."""
+def mid_dit_config(**overrides) -> PackedDiTConfig:
+    """The benches' mid-size DiT: 1024 wide (8 heads of 128), 8 double + 16 single blocks; tiny encoder widths."""
+    return tiny_dit_config(**{"num_attention_heads": 8, "num_layers": 8, "num_single_layers": 16, **overrides})
+
+
+def full_dit_config() -> PackedDiTConfig:
+    """The real FramePack DiT: 3072 wide, 20 double + 40 single blocks, the real encoder widths."""
+    return PackedDiTConfig()
+
+
+def tiny_dit_state_dict(
+    seed: int = 0, config: PackedDiTConfig | None = None, dtype=torch.bfloat16, device: str | torch.device = "cpu"
+) -> dict:
+    """Seeded weights: 1-D norm weights 1, norm biases 0, other tensors N(0, 1/fan_in) so activations stay O(1).
+
+    Drawn on `device` (values depend on it: a CUDA generator draws other numbers than the CPU one)."""
     config = config or tiny_dit_config()
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in HunyuanVideoTransformer3DModelPacked(config).state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     state = {}
     for key in sorted(shapes):
         shape = shapes[key]
         if len(shape) == 1 and "norm" in key and key.endswith(".weight") and ".linear." not in key:
-            t = torch.ones(shape)
+            t = torch.ones(shape, device=device)
         elif len(shape) == 1 and "norm" in key and ".linear." not in key:
-            t = torch.zeros(shape)
+            t = torch.zeros(shape, device=device)
         elif len(shape) == 1:
-            t = torch.randn(shape, generator=gen) * 0.02
+            t = torch.randn(shape, generator=gen, device=device) * 0.02
         else:
             fan_in = int(torch.tensor(shape[1:]).prod())
-            t = torch.randn(shape, generator=gen) / fan_in**0.5
+            t = torch.randn(shape, generator=gen, device=device) / fan_in**0.5
         state[key] = t.to(dtype)
     return state
+
+
+def random_dit(
+    config: PackedDiTConfig, seed: int = 0, dtype=torch.bfloat16, device: str | torch.device = "cpu"
+) -> HunyuanVideoTransformer3DModelPacked:
+    """A frozen eval-mode DiT with `tiny_dit_state_dict` weights, built directly on `device` (no checkpoint file)."""
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer3DModelPacked(config)
+    model.load_state_dict(tiny_dit_state_dict(seed, config, dtype, device), assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def diffusers_config(config: PackedDiTConfig) -> dict:
