@@ -3,23 +3,35 @@
 Accepted for `--dit`: lllyasviel's three-shard folder (index json used when present), a path to its first shard,
 a Hugging Face snapshot folder, and Kijai's single bf16 file; FramePack-F1 the same way. The model is built on the
 meta device and the file tensors are assigned as they are (file dtype kept), so no second copy is ever held.
+
+With fp8 or a per-weight transform (a LoRA merge), the checkpoint streams instead: each tensor is read from the
+memory-mapped file, transformed, quantized when it is an fp8 target, and written into its final place before the
+next one is read, so the process holds the fp8 model plus one tensor, never the bf16 model beside its fp8 copy.
+`save_merged_dit` streams the same way from one checkpoint to another.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
+from frame_pack.fp8 import FP8_DTYPE, Fp8Settings, fp8_target_modules, install_fp8_weight, quantize_weight
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
 from utils.checkpoint_kinds import state_dict_mismatch, wrong_file_message
 from utils.safetensors_utils import (
+    SAFETENSORS_DTYPES,
     WeightFileError,
+    data_order,
     load_state_dict,
     read_config_json,
     read_headers,
     resolve_weight_files,
+    stream_tensors,
+    write_safetensors_streaming,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +68,17 @@ def read_dit_config(path: str, flag: str = "--dit") -> tuple[list[str], PackedDi
     return files, config
 
 
+# A function of (state-dict key, tensor) returning the tensor to keep, e.g. `LoraMergePlan.merge_weight`.
+WeightTransform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def dit_skeleton(path: str, flag: str = "--dit") -> HunyuanVideoTransformer3DModelPacked:
+    """The checkpoint's model on the meta device (shapes, no data): what a LoRA merge is planned against."""
+    _, config = read_dit_config(path, flag)
+    with torch.device("meta"):
+        return HunyuanVideoTransformer3DModelPacked(config)
+
+
 def load_packed_model(
     path: str,
     device: str | torch.device = "cpu",
@@ -63,8 +86,14 @@ def load_packed_model(
     attn_mode: str = "torch",
     split_attn: bool = False,
     flag: str = "--dit",
+    weight_transform: WeightTransform | None = None,
+    fp8: Fp8Settings | None = None,
 ) -> HunyuanVideoTransformer3DModelPacked:
-    """Load a FramePack (or F1) DiT. `dtype` None keeps the file's dtype (bf16 for the public weights)."""
+    """Load a FramePack (or F1) DiT. `dtype` None keeps the file's dtype (bf16 for the public weights).
+
+    `weight_transform` is applied to each tensor (after the `dtype` cast) and `fp8` quantizes the target Linear
+    weights, both while streaming; the result equals loading, then transforming, then `apply_fp8`, bit for bit.
+    """
     files, config = read_dit_config(path, flag)
     logger.info(
         f"DiT from {path}: {config.num_layers} double + {config.num_single_layers} single blocks, "
@@ -72,6 +101,61 @@ def load_packed_model(
     )
     with torch.device("meta"):
         model = HunyuanVideoTransformer3DModelPacked(config, attn_mode=attn_mode, split_attn=split_attn)
-    state = load_state_dict(files, device=device, dtype=dtype)
+    if weight_transform is None and fp8 is None:
+        state = load_state_dict(files, device=device, dtype=dtype)
+    else:
+        state = _stream_state_dict(model, files, torch.device(device), dtype, weight_transform, fp8, flag)
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def _stream_state_dict(model, files, device, dtype, transform, fp8, flag) -> dict[str, torch.Tensor]:
+    """Read, transform and quantize tensor by tensor into destinations allocated up front.
+
+    Allocating every kept tensor before reading any keeps the per-tensor temporaries (the float32 merge, the
+    quantizer's chunks) from being allocated between kept tensors, where freeing them would leave holes the
+    allocator cannot give back. fp8 targets of `model` (still on the meta device) are switched to fp8 Linears here,
+    so the state dict returned holds their fp8 weight and scale.
+    """
+    targets = {f"{name}.weight": (name, module) for name, module in fp8_target_modules(model)} if fp8 else {}
+    state = {}
+    for key, info in read_headers(files, flag).items():
+        stored = SAFETENSORS_DTYPES[info.dtype]
+        kept = dtype if dtype is not None and stored.is_floating_point else stored
+        state[key] = torch.empty(info.shape, dtype=FP8_DTYPE if key in targets else kept, device=device)
+        if key in targets:
+            name, module = targets[key]
+            scale = torch.empty(1, dtype=kept, device=device) if fp8.scaled else None
+            if scale is not None:
+                state[f"{name}.scale_weight"] = scale
+            install_fp8_weight(module, state[key].to("meta"), None if scale is None else scale.to("meta"))
+    quantize_on = device if fp8 is None or fp8.device is None else torch.device(fp8.device)
+    for key, tensor in tqdm(stream_tensors(files, flag), total=len(state), desc="DiT", unit="tensor", leave=False):
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if transform is not None:
+            tensor = transform(key, tensor)
+        if key in targets:
+            _, scale = quantize_weight(tensor.to(quantize_on), fp8.scaled, out=state[key])
+            if scale is not None:
+                state[f"{targets[key][0]}.scale_weight"].copy_(scale)
+        else:
+            state[key].copy_(tensor)
+        del tensor
+    if targets:
+        logger.info(f"fp8{' scaled' if fp8.scaled else ''}: {len(targets)} Linear weights stored as {FP8_DTYPE}")
+    return state
+
+
+def save_merged_dit(path: str, weight_transform: WeightTransform, out_path: str, flag: str = "--dit") -> None:
+    """Stream the checkpoint at `path` through `weight_transform` into one safetensors file at `out_path`.
+
+    The output is a single-file DiT that `load_packed_model` reads back; one tensor is in memory at a time.
+    """
+    files, _ = read_dit_config(path, flag)
+    layout = [(key, SAFETENSORS_DTYPES[info.dtype], info.shape) for _, key, info in data_order(files, flag)]
+    merged = ((key, weight_transform(key, tensor).to("cpu")) for key, tensor in stream_tensors(files, flag))
+    logger.info(f"saving merged DiT to {out_path}")
+    write_safetensors_streaming(
+        out_path, layout, tqdm(merged, total=len(layout), desc="merged DiT", leave=False), metadata={"format": "pt"}
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -33,11 +34,42 @@ def is_fp8_target(state_key: str) -> bool:
     )
 
 
-def quantize_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W -> (W_fp8, scale) with scale = max|W|/448 in W's dtype; saturating round-to-nearest-even cast."""
-    scale = (weight.abs().max() / FP8_MAX).clamp(min=torch.finfo(weight.dtype).tiny).reshape(1)
-    quantized = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+# Elements per step of the quantizer: its temporaries stay this small whatever the tensor size. Every step is
+# elementwise (and the max is exact), so the result does not depend on this value.
+QUANTIZE_CHUNK = 1 << 20
+
+
+def quantize_per_tensor(weight: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W -> (W_fp8, scale) with scale = max|W|/448 in W's dtype; saturating round-to-nearest-even cast.
+
+    `out` (float8_e4m3fn, W's shape, any device) receives W_fp8 when given.
+    """
+    flat = weight.reshape(-1)
+    chunks = flat.split(QUANTIZE_CHUNK)
+    amax = torch.stack([chunk.abs().amax() for chunk in chunks]).amax() if flat.numel() else flat.new_zeros(())
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(weight.dtype).tiny).reshape(1)
+    quantized = _cast_chunks(chunks, weight.shape, out, weight.device, lambda c: c / scale)
     return quantized, scale.to(weight.dtype)
+
+
+def quantize_weight(
+    weight: torch.Tensor, scaled: bool, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`--fp8_scaled`: (W_fp8, scale) as `quantize_per_tensor`; `--fp8`: (saturating plain cast, None)."""
+    if scaled:
+        return quantize_per_tensor(weight, out)
+    chunks = weight.reshape(-1).split(QUANTIZE_CHUNK)
+    return _cast_chunks(chunks, weight.shape, out, weight.device, lambda c: c), None
+
+
+def _cast_chunks(chunks, shape, out, device, prepare) -> torch.Tensor:
+    """Write clamp(prepare(chunk), ±448) cast to fp8 chunk by chunk into `out` (allocated on `device` if None)."""
+    out = torch.empty(shape, dtype=FP8_DTYPE, device=device) if out is None else out
+    flat_out, start = out.view(-1), 0
+    for chunk in chunks:
+        flat_out[start : start + chunk.numel()].copy_(prepare(chunk).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        start += chunk.numel()
+    return out
 
 
 def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -49,10 +81,21 @@ def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight.to(x.dtype), self.bias)
 
 
-def _target_linears(model: nn.Module):
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and is_fp8_target(f"{name}.weight"):
-            yield name, module
+def install_fp8_weight(module: nn.Linear, quantized: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """Make `module` an fp8 Linear: the fp8 weight (frozen), its scale buffer when scaled, the dequantizing forward."""
+    if scale is not None:
+        module.register_buffer("scale_weight", scale)
+    module.weight = nn.Parameter(quantized, requires_grad=False)
+    module.forward = types.MethodType(_fp8_linear_forward, module)
+
+
+def fp8_target_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(module name, Linear) of every Linear whose weight `--fp8`/`--fp8_scaled` stores in fp8."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and is_fp8_target(f"{name}.weight")
+    ]
 
 
 def quantize_linear(
@@ -60,15 +103,10 @@ def quantize_linear(
 ) -> None:
     """Quantize one Linear's weight in place (on `device`, default its own) and patch its forward."""
     home = module.weight.device
-    weight = module.weight.data.to(device or home)
-    if scaled:
-        quantized, scale = quantize_per_tensor(weight)
-        module.register_buffer("scale_weight", scale)
-    else:
-        quantized = weight.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    quantized = quantized if keep_on_device else quantized.to(home)
-    module.weight = nn.Parameter(quantized, requires_grad=False)
-    module.forward = types.MethodType(_fp8_linear_forward, module)
+    quantized, scale = quantize_weight(module.weight.data.to(device or home), scaled)
+    if not keep_on_device:
+        quantized = quantized.to(home)  # the scale stays where it was computed, as a buffer of the device
+    install_fp8_weight(module, quantized, scale)
 
 
 def dequantized_weight(module: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
@@ -91,8 +129,18 @@ def apply_fp8(
     `keep_on_device`, else returned to where it was (e.g. the CPU for block swap).
     """
     count = 0
-    for _, module in _target_linears(model):
+    for _, module in fp8_target_modules(model):
         quantize_linear(module, scaled, device, keep_on_device)
         count += 1
     logger.info(f"fp8{' scaled' if scaled else ''}: {count} Linear weights stored as {FP8_DTYPE}")
     return count
+
+
+@dataclass(frozen=True)
+class Fp8Settings:
+    """fp8 while loading: `scaled` as `--fp8_scaled`; `device`: where each weight is quantized (default: where it
+    is loaded), e.g. the GPU for a model loaded to the CPU for block swap. The quantized weight is kept where the
+    model is loaded."""
+
+    scaled: bool = True
+    device: torch.device | str | None = None

@@ -75,6 +75,41 @@ def _alpha_value(alpha) -> float | int | None:
     return alpha
 
 
+def check_lora_shapes(weight_shape: Sequence[int], down: torch.Tensor, up: torch.Tensor) -> None:
+    """Refuse a down/up pair that cannot be added to a Linear weight of `weight_shape` (out, in)."""
+    out_features, in_features = weight_shape
+    if down.shape[1] != in_features or up.shape[0] != out_features or up.shape[1] != down.shape[0]:
+        raise ValueError(
+            f"LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a Linear of "
+            f"{in_features} -> {out_features} (a LoRA for a different model size?)"
+        )
+
+
+@torch.no_grad()
+def merged_weight(
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    multiplier: float,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """W + multiplier * (up @ down) * scale, computed in float32 on `device` (default: W's device).
+
+    The one merge formula of the project. The sum is rounded to `dtype` (default W's dtype) and returned in W's
+    dtype on `device`. It is computed in place in the product's buffer (float addition commutes, and upcasting W
+    to float32 is exact), so the temporaries are one float32 product and the result.
+    """
+    if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise RuntimeError("LoRA weights must be merged before fp8 quantization of the DiT")
+    check_lora_shapes(weight.shape, down, up)
+    device = weight.device if device is None else torch.device(device)
+    merged = up.to(device, torch.float32) @ down.to(device, torch.float32)
+    merged.mul_(multiplier).mul_(scale).add_(weight.to(device))
+    return merged.to(dtype or weight.dtype).to(weight.dtype)
+
+
 @torch.no_grad()
 def merge_into_linear(
     linear: nn.Linear,
@@ -85,26 +120,10 @@ def merge_into_linear(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> None:
-    """W <- W + multiplier * (up @ down) * scale, computed in float32 on `device` (default: W's device).
-
-    The result is rounded to `dtype` (default W's dtype) and copied into the existing weight, so the weight keeps
-    its dtype, device and storage and no second copy of the model is made.
-    """
-    weight = linear.weight
-    if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or hasattr(linear, "scale_weight"):
+    """`merged_weight` copied into the Linear's existing weight, which keeps its dtype, device and storage."""
+    if hasattr(linear, "scale_weight"):
         raise RuntimeError("LoRA weights must be merged before fp8 quantization of the DiT")
-    out_features, in_features = weight.shape
-    if down.shape[1] != in_features or up.shape[0] != out_features or up.shape[1] != down.shape[0]:
-        raise ValueError(
-            f"LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a Linear of "
-            f"{in_features} -> {out_features} (a LoRA for a different model size?)"
-        )
-    device = weight.device if device is None else torch.device(device)
-    merged = (
-        weight.to(device, torch.float32)
-        + multiplier * (up.to(device, torch.float32) @ down.to(device, torch.float32)) * scale
-    )
-    weight.copy_(merged.to(dtype or weight.dtype))
+    linear.weight.copy_(merged_weight(linear.weight, down, up, scale, multiplier, dtype, device))
 
 
 class LoRAModule(nn.Module):

@@ -1,8 +1,11 @@
-"""LoRA at inference: merge LoRA files into the loaded DiT (before fp8), and save the merged DiT.
+"""LoRA at inference: merge LoRA files into the DiT (before fp8), and save the merged DiT.
 
 Per file: load, convert to the musubi FramePack layout (`networks.lora_convert`), filter keys with the file's
-include/exclude regex (`search`, include first), then W <- W + m * (up @ down) * (alpha / rank) for each module,
-one module at a time in float32 on `device`, written back into the weight in its own dtype and device. Each file
+include/exclude regex (`search`, include first); this gives a `LoraMergePlan`, checked against the DiT's Linear
+shapes before any DiT weight is read. The plan then adds W <- W + m * (up @ down) * (alpha / rank) to each weight,
+files in order, in float32 on `device` (`networks.lora.merged_weight`), rounded back to the weight's dtype: either
+one tensor at a time while the checkpoint streams in (`merge_weight`) or into a loaded model (`merge_into`); both
+give the same bits. Each file
 logs its detected format, the modules applied, the effective scale (alpha/rank x multiplier) and the keys that
 matched nothing. A file none of whose keys fits the DiT, or whose factor shapes do not fit the Linears they name,
 is refused before any weight changes, naming the file and a few keys.
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from networks.lora import ALPHA_KEY, DOWN_KEY, UP_KEY, merge_into_linear
+from networks.lora import ALPHA_KEY, DOWN_KEY, UP_KEY, merged_weight
 from networks.lora_convert import (
     LoraFormatError,
     convert_to_framepack,
@@ -28,7 +31,7 @@ from networks.lora_convert import (
     load_lora_file,
     ranks_alphas,
 )
-from networks.lora_framepack import target_linears
+from networks.lora_framepack import module_path, target_linears
 from utils.safetensors_utils import save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -101,8 +104,44 @@ def _import_lycoris():
     return create_network_from_weights
 
 
-def _merge_modules(linears: dict[str, nn.Linear], sd: dict, multiplier: float, device, dtype) -> tuple[list, list]:
-    """Merge a musubi FramePack state dict; returns (merged module names, keys that reached no Linear)."""
+@dataclass
+class LoraDelta:
+    """One LoRA module's addition to one weight: multiplier * (up @ down) * scale."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    multiplier: float
+
+
+class LoraMergePlan:
+    """The LoRA additions for each DiT weight (state-dict key -> deltas in file order), with one report per file.
+
+    Each weight's deltas are handed out once and then dropped, so the LoRA tensors leave memory as the merge
+    proceeds.
+    """
+
+    def __init__(self, deltas: dict[str, list[LoraDelta]], reports: list[LoraMergeReport], device, dtype):
+        self.deltas, self.reports, self.device, self.dtype = deltas, reports, device, dtype
+
+    def merge_weight(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """The per-tensor merge: `weight` (state-dict `key`) with its LoRA deltas added, or `weight` itself."""
+        for delta in self.deltas.pop(key, ()):
+            weight = merged_weight(weight, delta.down, delta.up, delta.scale, delta.multiplier, self.dtype, self.device)
+        return weight
+
+    def merge_into(self, model: nn.Module) -> None:
+        """Merge into a loaded model, each weight written back in its own dtype, device and storage."""
+        for name, module in model.named_modules():
+            key = f"{name}.weight"
+            if key in self.deltas:
+                if hasattr(module, "scale_weight"):
+                    raise RuntimeError("LoRA weights must be merged before fp8 quantization of the DiT")
+                module.weight.data.copy_(self.merge_weight(key, module.weight.data))
+
+
+def _plan_modules(linears: dict[str, nn.Linear], sd: dict, multiplier: float, deltas: dict) -> tuple[list, list]:
+    """Add a musubi FramePack state dict's deltas to `deltas`; returns (module names, keys that reached no Linear)."""
     merged, unmatched = [], []
     for name, parts in group_by_module(sd).items():
         linear = linears.get(name)
@@ -112,7 +151,8 @@ def _merge_modules(linears: dict[str, nn.Linear], sd: dict, multiplier: float, d
         rank = parts[DOWN_KEY].shape[0]
         scale = float(parts.get(ALPHA_KEY, rank)) / rank
         if multiplier != 0:  # skipping keeps the weights bit-identical (no round trip through float32)
-            merge_into_linear(linear, parts[DOWN_KEY], parts[UP_KEY], scale, multiplier, dtype, device)
+            delta = LoraDelta(parts[DOWN_KEY], parts[UP_KEY], scale, multiplier)
+            deltas.setdefault(f"{module_path(name)}.weight", []).append(delta)
         merged.append(name)
     return merged, unmatched
 
@@ -142,7 +182,7 @@ def _check_fits(linears: dict[str, nn.Linear], sd: dict, converted, path: str) -
         )
 
 
-def _merge_file(linears, path, sd, metadata, multiplier, include, exclude, device, dtype) -> LoraMergeReport:
+def _plan_file(linears, path, sd, metadata, multiplier, include, exclude, deltas) -> LoraMergeReport:
     rows = {name: linear.out_features for name, linear in linears.items()}
     converted = convert_to_framepack(sd, metadata, target_rows=rows, source=path)
     report = LoraMergeReport(path, multiplier, converted.formats)
@@ -151,7 +191,7 @@ def _merge_file(linears, path, sd, metadata, multiplier, include, exclude, devic
         logger.warning(f"{path}: the include/exclude patterns left no key; nothing merged")
         return report
     _check_fits(linears, filtered, converted, path)
-    report.merged, unmatched = _merge_modules(linears, filtered, multiplier, device, dtype)
+    report.merged, unmatched = _plan_modules(linears, filtered, multiplier, deltas)
     report.unmatched = converted.unrecognized + converted.source_keys(unmatched)
     scales = {n: ra for n, ra in ranks_alphas(filtered).items() if n in report.merged}
     report.effective_scales = {n: alpha / rank * multiplier for n, (rank, alpha) in scales.items()}
@@ -184,6 +224,41 @@ def _merge_lycoris_file(model, create_network, path, sd, multiplier, include, ex
     return report
 
 
+def _normalized(paths, multipliers, include_patterns, exclude_patterns):
+    paths = [str(p) for p in paths]
+    return (
+        paths,
+        _multipliers(multipliers, len(paths)),
+        _patterns(include_patterns, len(paths), "include patterns"),
+        _patterns(exclude_patterns, len(paths), "exclude patterns"),
+    )
+
+
+def plan_lora_merge(
+    model: nn.Module,
+    lora_paths: Sequence[str],
+    multipliers: float | Sequence[float] | None = None,
+    include_patterns: str | Sequence[str | None] | None = None,
+    exclude_patterns: str | Sequence[str | None] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoraMergePlan:
+    """Read, convert, filter and check every LoRA file against `model`, which may be a meta-device skeleton.
+
+    Arguments as `merge_lora_files`. Errors (unknown layout, a file none of whose keys fits, shapes of another
+    model size) are raised here, before any DiT weight is read.
+    """
+    paths, multipliers, includes, excludes = _normalized(lora_paths, multipliers, include_patterns, exclude_patterns)
+    linears = target_linears(model)
+    deltas: dict[str, list[LoraDelta]] = {}
+    reports = []
+    for path, multiplier, include, exclude in zip(paths, multipliers, includes, excludes):
+        logger.info(f"LoRA {path} with multiplier {multiplier}")
+        sd, metadata = load_lora_file(path)
+        reports.append(_plan_file(linears, path, sd, metadata, multiplier, include, exclude, deltas))
+    return LoraMergePlan(deltas, reports, device, dtype)
+
+
 def merge_lora_files(
     model: nn.Module,
     lora_paths: Sequence[str],
@@ -202,22 +277,19 @@ def merge_lora_files(
     trainer's `--base_weights` merge uses the mixed-precision dtype). A file none of whose keys fits the DiT is an
     error (LoraFormatError), as is a file in no known layout.
     """
-    paths = [str(p) for p in lora_paths]
-    multipliers = _multipliers(multipliers, len(paths))
-    includes = _patterns(include_patterns, len(paths), "include patterns")
-    excludes = _patterns(exclude_patterns, len(paths), "exclude patterns")
-    create_lycoris_network = _import_lycoris() if lycoris else None
-    linears = target_linears(model)
-
+    if not lycoris:
+        plan = plan_lora_merge(model, lora_paths, multipliers, include_patterns, exclude_patterns, device, dtype)
+        plan.merge_into(model)
+        return plan.reports
+    paths, multipliers, includes, excludes = _normalized(lora_paths, multipliers, include_patterns, exclude_patterns)
+    create_lycoris_network = _import_lycoris()
     reports = []
     for path, multiplier, include, exclude in zip(paths, multipliers, includes, excludes):
-        logger.info(f"merging LoRA {path} with multiplier {multiplier}")
-        sd, metadata = load_lora_file(path)
-        if lycoris:
-            args = (model, create_lycoris_network, path, sd, multiplier, include, exclude, device, dtype)
-            reports.append(_merge_lycoris_file(*args))
-        else:
-            reports.append(_merge_file(linears, path, sd, metadata, multiplier, include, exclude, device, dtype))
+        logger.info(f"merging LyCORIS {path} with multiplier {multiplier}")
+        sd, _ = load_lora_file(path)
+        reports.append(
+            _merge_lycoris_file(model, create_lycoris_network, path, sd, multiplier, include, exclude, device, dtype)
+        )
     return reports
 
 

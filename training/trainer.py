@@ -145,11 +145,12 @@ def resolved_flags(flags: argparse.Namespace, **derived) -> argparse.Namespace:
 
 
 def load_dit(args: argparse.Namespace, device: torch.device):
-    """The DiT in its file dtype (bf16), frozen; base LoRAs merged, then fp8, then block swap."""
+    """The DiT in its file dtype (bf16), frozen; base LoRAs merged, then fp8 (both while the checkpoint streams in,
+    so the bf16 model is never held beside its fp8 copy), then block swap."""
     from frame_pack.attention import AttentionBackendError, check_attn_mode
     from frame_pack.block_swap import check_blocks_to_swap
-    from frame_pack.dit_loader import load_packed_model
-    from frame_pack.fp8 import apply_fp8
+    from frame_pack.dit_loader import dit_skeleton, load_packed_model
+    from frame_pack.fp8 import Fp8Settings
 
     mode = attention_mode(args)
     if mode != "torch":
@@ -158,19 +159,24 @@ def load_dit(args: argparse.Namespace, device: torch.device):
         except AttentionBackendError as e:
             flag = next(f for f, m in ATTENTION_FLAGS.items() if m == mode)
             raise ValueError(f"--{flag}: {e}; use --sdpa") from None
-    dit = load_packed_model(args.dit, "cpu", attn_mode=mode, split_attn=args.split_attn)
-    dit.eval().requires_grad_(False)
+    skeleton = dit_skeleton(args.dit)
     swap = args.blocks_to_swap or 0
     if swap and device.type != "cpu":  # on the CPU block swap is a no-op (enable_block_swap warns)
-        check_blocks_to_swap(swap, len(dit.transformer_blocks), len(dit.single_transformer_blocks), training=True)
+        num_double, num_single = len(skeleton.transformer_blocks), len(skeleton.single_transformer_blocks)
+        check_blocks_to_swap(swap, num_double, num_single, training=True)
+    merge = None
     if args.base_weights:
-        from networks.lora_merge import merge_lora_files
+        from networks.lora_merge import plan_lora_merge
 
         multipliers = args.base_weights_multiplier or []
         multipliers = [multipliers[i] if i < len(multipliers) else 1.0 for i in range(len(args.base_weights))]
-        merge_lora_files(dit, args.base_weights, multipliers, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
-    if args.fp8_base:
-        apply_fp8(dit, scaled=args.fp8_scaled)  # before the LoRA takes over the Linear forwards
+        dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
+        merge = plan_lora_merge(skeleton, args.base_weights, multipliers, dtype=dtype).merge_weight
+    fp8 = Fp8Settings(scaled=args.fp8_scaled) if args.fp8_base else None  # before the LoRA takes over the forwards
+    dit = load_packed_model(
+        args.dit, "cpu", attn_mode=mode, split_attn=args.split_attn, weight_transform=merge, fp8=fp8
+    )
+    dit.eval().requires_grad_(False)
     if swap:
         dit.enable_block_swap(swap, device, supports_backward=True)
     dit.move_to_device_except_swap_blocks(device)

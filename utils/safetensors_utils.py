@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,10 +52,15 @@ def _where(flag: str | None) -> str:
     return f"{flag} " if flag else ""
 
 
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    # (first, end) byte positions of the tensor's data in its file, counted from the file start
+    data_range: tuple[int, int] | None = field(default=None, compare=False)
 
 
 def read_header(path: str | os.PathLike, flag: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -76,8 +84,9 @@ def read_header(path: str | os.PathLike, flag: str | None = None) -> tuple[dict[
     infos: dict[str, TensorInfo] = {}
     data_end = 0
     for name, entry in header.items():
-        infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]))
-        data_end = max(data_end, entry["data_offsets"][1])
+        start, end = entry["data_offsets"]
+        infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), (8 + header_len + start, 8 + header_len + end))
+        data_end = max(data_end, end)
     if 8 + header_len + data_end > size:
         raise WeightFileError(
             f"{_where(flag)}{path}: file is truncated ({size} bytes, header promises {8 + header_len + data_end});"
@@ -166,6 +175,100 @@ def load_state_dict(
     return state
 
 
+def _release_pages(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Drop the resident pages of [start, end) from this process. They stay in the page cache, and a later read of
+    the same bytes faults them in again from the file (private writes to them are discarded)."""
+    if not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = start - start % mmap.PAGESIZE
+    if end > first:
+        mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def data_order(files: list[str] | str, flag: str | None = None) -> list[tuple[str, str, TensorInfo]]:
+    """(file, key, info) of every tensor, file by file, each file's tensors in the order of their data."""
+    order = []
+    for path in [files] if isinstance(files, str) else files:
+        infos, _ = read_header(path, flag)
+        order += [(path, key, info) for key, info in sorted(infos.items(), key=lambda item: item[1].data_range)]
+    return order
+
+
+def stream_tensors(files: list[str] | str, flag: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one tensor at a time, file by file in data order, from memory-mapped files.
+
+    Each tensor is a zero-copy CPU view of the mapping, valid until the next one is requested: at that point its
+    pages are handed back (madvise DONTNEED where the OS has it), so the process never holds more than one tensor
+    of the file however large the checkpoint is. Copy what you keep (or derive a new tensor from it). The mapping is
+    copy-on-write: writing into a view never reaches the file, and is discarded once the view's pages are released.
+    """
+    mapped_path, mapped = None, None
+    for path, key, info in data_order(files, flag):
+        if path != mapped_path:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                mapped_path, mapped = path, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        start, end = info.data_range
+        dtype = SAFETENSORS_DTYPES[info.dtype]
+        if end == start:
+            tensor = torch.empty(info.shape, dtype=dtype)
+        else:
+            with warnings.catch_warnings():  # frombuffer warns that the tensor shares the (mmap) buffer
+                warnings.simplefilter("ignore")
+                raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
+            tensor = raw.view(dtype).reshape(info.shape)
+        yield key, tensor
+        del tensor
+        _release_pages(mapped, start, end)
+
+
+def _packed_header(header: dict) -> bytes:
+    """8-byte little-endian length + JSON header padded with spaces to a multiple of 8 bytes (the safetensors rule)."""
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors arrive one at a time, in the order of `layout` (key, dtype, shape).
+
+    The header is written from `layout` first, then each tensor's bytes as it comes, so only one tensor is ever in
+    memory. Written to a temporary name and renamed at the end: an interrupted run leaves no partial file.
+    """
+    path = str(path)
+    header, offset = {}, 0
+    for key, dtype, shape in layout:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        entry = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape)}
+        header[key] = entry | {"data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header = {"__metadata__": dict(sorted(metadata.items()))} | header
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_packed_header(header))
+            expected = iter(layout)
+            for key, tensor in tensors:
+                want = next(expected, None)
+                got = (key, tensor.dtype, tuple(tensor.shape))
+                if want != got:
+                    raise ValueError(f"{path}: streamed tensor {got} where the layout expects {want}")
+                f.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            if next(expected, None) is not None:
+                raise ValueError(f"{path}: fewer tensors streamed than the layout lists")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
     """Write atomically: to a temporary name in the same folder, then rename, so no half-written file remains."""
     path = str(path)
@@ -213,9 +316,7 @@ def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[s
     header = json.loads(raw[8 : 8 + length])
     stored = header.pop("__metadata__", None)
     ordered = ({"__metadata__": dict(sorted(stored.items()))} if stored else {}) | header
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+    return _packed_header(ordered) + raw[8 + length :]
 
 
 def write_atomically(path: str, data: bytes) -> None:
