@@ -14,6 +14,7 @@ from networks.lora_merge import merge_lora_files, plan_lora_merge
 from tests.factory.dit import tiny_dit_config
 from tests.factory.lora import framepack_lora
 from tests.test_dit import section_inputs
+from tests.test_lora import one_thread  # noqa: F401 (autouse fixture)
 from utils.safetensors_utils import (
     read_header,
     save_safetensors,
@@ -22,14 +23,6 @@ from utils.safetensors_utils import (
 )
 
 CONFIG = tiny_dit_config()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
