@@ -37,12 +37,12 @@ def run_one(cfg: dict) -> dict:
         image_proj_dim=1152,
     )
     dtype = torch.bfloat16
-    model = HunyuanVideoTransformer3DModelPacked(config).to(dtype).eval()
+    model = HunyuanVideoTransformer3DModelPacked(config).to(dtype).eval().requires_grad_(False)
     if cfg["fp8_scaled"]:
         apply_fp8(model, scaled=True)
     model.to(device)
     if cfg["blocks_to_swap"]:
-        model.enable_block_swap(cfg["blocks_to_swap"], device)
+        model.enable_block_swap(cfg["blocks_to_swap"], device, use_pinned_memory=cfg["pinned"])
         model.move_to_device_except_swap_blocks(device)
     h, w, lws, text = cfg["height"] // 8, cfg["width_px"] // 8, cfg["lws"], cfg["text_tokens"]
     kw = dict(
@@ -90,15 +90,32 @@ def main() -> None:
     p.add_argument("--lws", type=int, default=9, help="latent window size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--blocks_to_swap", type=int, default=0, help="also run with this many blocks swapped (CUDA)")
+    p.add_argument(
+        "--blocks_to_swap",
+        type=int,
+        default=0,
+        help="also run with this many blocks swapped (CUDA), by the worker thread and by pinned memory + side stream",
+    )
     args = p.parse_args()
 
     base = {k: v for k, v in vars(args).items()}
     variants = [("bf16", {}), ("fp8_scaled", {"fp8_scaled": True})]
     if args.blocks_to_swap and args.device.startswith("cuda"):
         variants.append((f"block swap {args.blocks_to_swap}", {"blocks_to_swap": args.blocks_to_swap}))
+        swap_pinned = {"blocks_to_swap": args.blocks_to_swap, "pinned": True}
+        variants.append((f"block swap {args.blocks_to_swap} pinned", swap_pinned))
     configs = [
-        (name, {**base, "fp8_scaled": False, "gradient_checkpointing": False, "blocks_to_swap": 0, **extra})
+        (
+            name,
+            {
+                **base,
+                "fp8_scaled": False,
+                "gradient_checkpointing": False,
+                "blocks_to_swap": 0,
+                "pinned": False,
+                **extra,
+            },
+        )
         for name, extra in variants
     ]
     results = run_variants(__file__, configs)

@@ -7,6 +7,12 @@ waits for its own pending transfer before it runs. Backward (training) mirrors t
 
 Only `.weight` tensors move; biases and buffers (e.g. fp8 `scale_weight`) stay on the device. The double and single
 stacks swap separately: `--blocks_to_swap n` swaps n//2 double blocks and (n - n//2)·2 + 1 single blocks.
+
+`--use_pinned_memory_for_block_swap` (CUDA) keeps the host copy of every block that moves in page-locked memory and
+queues the transfers on a side stream instead of a worker thread: when block i finishes, the side stream waits for
+it on the GPU, releases its device copy and uploads the incoming block, so that copy runs while the next blocks
+compute; a block's compute waits (on the GPU, not the host) only for its own upload. The host copy is the one
+authoritative copy: swapped weights are frozen (inference, or a LoRA's base model), so nothing is copied back.
 """
 
 from __future__ import annotations
@@ -114,6 +120,98 @@ class StackSwapper:
         return hook
 
 
+class CudaTransfers:
+    """Page-locked host memory and a side stream on one CUDA device (created only when pinned block swap is on)."""
+
+    def __init__(self, device: torch.device):
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError("--use_pinned_memory_for_block_swap needs a CUDA device")
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+        self.compute = torch.cuda.current_stream(device)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to("cpu").pin_memory()
+
+    def compute_event(self) -> torch.cuda.Event:
+        """An event after the work queued so far on the compute stream."""
+        event = torch.cuda.Event()
+        event.record(self.compute)
+        return event
+
+    def side_event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def side_waits(self, event: torch.cuda.Event) -> None:
+        self.side.wait_event(event)
+
+    def compute_waits(self, event: torch.cuda.Event) -> None:
+        self.compute.wait_event(event)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        """Asynchronous copy to the device on the side stream; the copy is then used by the compute stream."""
+        with torch.cuda.stream(self.side):
+            on_device = host.to(self.device, non_blocking=True)
+        on_device.record_stream(self.compute)  # the allocator reuses its memory only after the compute using it
+        return on_device
+
+
+class PinnedStackSwapper(StackSwapper):
+    """The same schedule as `StackSwapper`, with transfers from page-locked host copies queued on a side stream.
+
+    `transfers` provides the streams, events and copies (`CudaTransfers`; tests pass a CPU stand-in).
+    """
+
+    def __init__(self, blocks, num_swap, device, supports_backward, transfers):
+        super().__init__(blocks, num_swap, device, supports_backward)
+        self.transfers = transfers
+        self.host: dict[int, torch.Tensor] = {}  # id(weight) -> its page-locked host copy
+
+    def moving_blocks(self) -> list[int]:
+        """Blocks the schedule moves: the first and last `num_swap` of the stack."""
+        return [i for i in range(self.num) if i < self.num_swap or i >= self.num - self.num_swap]
+
+    def _pin(self) -> None:
+        for i in self.moving_blocks():
+            for w in _weights(self.blocks[i]):
+                if w.requires_grad:
+                    raise RuntimeError("pinned block swap moves frozen weights only; freeze the DiT first")
+                self.host[id(w)] = self.transfers.pin(w.data)
+                if w.device.type == "cpu":
+                    w.data = self.host[id(w)]
+
+    def to_device(self, block: nn.Module) -> None:
+        for w in _weights(block):
+            host = self.host.get(id(w))
+            if host is None:  # a block that never moves
+                w.data = w.data.to(self.device)
+            elif w.data_ptr() == host.data_ptr():
+                w.data = self.transfers.upload(host)
+
+    def to_offload(self, block: nn.Module) -> None:
+        for w in _weights(block):
+            w.data = self.host[id(w)]  # the device copy is released; the allocator waits for the work using it
+
+    def _submit(self, out_idx: int, in_idx: int) -> None:
+        self.transfers.side_waits(self.transfers.compute_event())  # block out_idx has finished on the GPU
+        self.to_offload(self.blocks[out_idx])
+        self.to_device(self.blocks[in_idx])
+        self.pending[in_idx] = self.transfers.side_event()
+
+    def wait_for(self, idx: int) -> None:
+        event = self.pending.pop(idx, None)
+        if event is not None:
+            self.transfers.compute_waits(event)
+
+    def before_forward(self) -> None:
+        if not self.host:
+            self._pin()
+        super().before_forward()
+        self.transfers.compute_waits(self.transfers.side_event())
+
+
 class BlockSwap:
     """Block swap over the double and single stacks of a packed DiT, addressed by one running block index."""
 
@@ -121,13 +219,19 @@ class BlockSwap:
         self.stacks = stacks
 
     @classmethod
-    def for_model(cls, model, blocks_to_swap: int, device, supports_backward: bool = False) -> BlockSwap:
+    def for_model(
+        cls, model, blocks_to_swap: int, device, supports_backward: bool = False, use_pinned_memory: bool = False
+    ) -> BlockSwap:
         double, single = split_blocks_to_swap(blocks_to_swap)
-        stacks = [
-            StackSwapper(model.transformer_blocks, double, device, supports_backward),
-            StackSwapper(model.single_transformer_blocks, single, device, supports_backward),
-        ]
-        logger.info(f"block swap: {double} double and {single} single blocks stream their weights from the CPU")
+        device = torch.device(device)
+        lists = ((model.transformer_blocks, double), (model.single_transformer_blocks, single))
+        if use_pinned_memory:
+            transfers = CudaTransfers(device)
+            stacks = [PinnedStackSwapper(b, n, device, supports_backward, transfers) for b, n in lists]
+        else:
+            stacks = [StackSwapper(b, n, device, supports_backward) for b, n in lists]
+        how = "pinned host memory, side stream" if use_pinned_memory else "worker thread"
+        logger.info(f"block swap: {double} double and {single} single blocks stream their weights from the CPU ({how})")
         return cls(stacks)
 
     def _locate(self, idx: int) -> tuple[StackSwapper, int]:

@@ -36,7 +36,7 @@ def is_fp8_target(state_key: str) -> bool:
 
 # Elements per step of the quantizer: its temporaries stay this small whatever the tensor size. Every step is
 # elementwise (and the max is exact), so the result does not depend on this value.
-QUANTIZE_CHUNK = 1 << 20
+QUANTIZE_CHUNK = 1 << 18
 
 
 def quantize_per_tensor(weight: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

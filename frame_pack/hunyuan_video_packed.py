@@ -527,7 +527,13 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
         else:
             self.rope_scaling_timestep_threshold, self.rope_scaling_factor = None, 1.0
 
-    def enable_block_swap(self, blocks_to_swap: int, device: torch.device, supports_backward: bool = False):
+    def enable_block_swap(
+        self,
+        blocks_to_swap: int,
+        device: torch.device,
+        supports_backward: bool = False,
+        use_pinned_memory: bool = False,
+    ):
         from frame_pack.block_swap import BlockSwap
 
         if blocks_to_swap <= 0:
@@ -537,7 +543,7 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
             logger.warning("--blocks_to_swap has no effect when the model runs on the CPU; ignoring it")
             self.block_swap = None
             return
-        self.block_swap = BlockSwap.for_model(self, blocks_to_swap, device, supports_backward)
+        self.block_swap = BlockSwap.for_model(self, blocks_to_swap, device, supports_backward, use_pinned_memory)
 
     def move_to_device_except_swap_blocks(self, device: torch.device):
         """Move everything to `device`; swapped blocks keep their weights where block swap put them."""

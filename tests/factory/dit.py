@@ -10,7 +10,7 @@ import torch
 
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
 from tests.factory import dims
-from utils.safetensors_utils import save_safetensors, save_sharded
+from utils.safetensors_utils import save_safetensors, save_sharded, write_safetensors_streaming
 
 SHARD_PREFIX = "diffusion_pytorch_model"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -46,11 +46,18 @@ def tiny_dit_state_dict(
     """Seeded weights: 1-D norm weights 1, norm biases 0, other tensors N(0, 1/fan_in) so activations stay O(1).
 
     Drawn on `device` (values depend on it: a CUDA generator draws other numbers than the CPU one)."""
-    config = config or tiny_dit_config()
+    return dict(_dit_tensors(seed, config or tiny_dit_config(), dtype, device))
+
+
+def _dit_shapes(config: PackedDiTConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in HunyuanVideoTransformer3DModelPacked(config).state_dict().items()}
+        return {k: v.shape for k, v in HunyuanVideoTransformer3DModelPacked(config).state_dict().items()}
+
+
+def _dit_tensors(seed: int, config: PackedDiTConfig, dtype, device: str | torch.device = "cpu"):
+    """(key, tensor) in sorted key order, drawn one after the other from one generator."""
+    shapes = _dit_shapes(config)
     gen = torch.Generator(device).manual_seed(seed)
-    state = {}
     for key in sorted(shapes):
         shape = shapes[key]
         if len(shape) == 1 and "norm" in key and key.endswith(".weight") and ".linear." not in key:
@@ -62,8 +69,7 @@ def tiny_dit_state_dict(
         else:
             fan_in = int(torch.tensor(shape[1:]).prod())
             t = torch.randn(shape, generator=gen, device=device) / fan_in**0.5
-        state[key] = t.to(dtype)
-    return state
+        yield key, t.to(dtype)
 
 
 def random_dit(
@@ -98,6 +104,15 @@ def write_dit_sharded(folder, seed: int = 0, config: PackedDiTConfig | None = No
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(diffusers_config(config), f, indent=2)
     return str(folder)
+
+
+def write_dit_streamed(path, config: PackedDiTConfig, seed: int = 0) -> str:
+    """The single-file layout written one tensor at a time (same values as `write_dit_single`), for DiTs too large
+    to hold twice in memory (the memory bench). Returns the file path."""
+    shapes = _dit_shapes(config)
+    layout = [(key, torch.bfloat16, tuple(shapes[key])) for key in sorted(shapes)]
+    write_safetensors_streaming(path, layout, _dit_tensors(seed, config, torch.bfloat16))
+    return str(path)
 
 
 def write_dit_single(path, seed: int = 0, config: PackedDiTConfig | None = None) -> str:
