@@ -187,7 +187,7 @@ class PinnedStackSwapper(StackSwapper):
             host = self.host.get(id(w))
             if host is None:  # a block that never moves
                 w.data = w.data.to(self.device)
-            elif w.data_ptr() == host.data_ptr():
+            elif w.data_ptr() == host.data_ptr() or w.device != self.device:
                 w.data = self.transfers.upload(host)
 
     def to_offload(self, block: nn.Module) -> None:
@@ -255,6 +255,17 @@ class BlockSwap:
     def before_forward(self) -> None:
         for stack in self.stacks:
             stack.before_forward()
+
+    def offload_model(self, model: nn.Module) -> None:
+        """Everything to the CPU once the transfers in flight have finished (pinned host copies are reused)."""
+        for stack in self.stacks:
+            for idx in list(stack.pending):
+                stack.wait_for(idx)
+            if stack.device.type == "cuda":
+                torch.cuda.synchronize(stack.device)
+            for block in stack.blocks:
+                stack.to_offload(block)
+        model.to("cpu")
 
     def wait_for(self, idx: int) -> None:
         stack, i = self._locate(idx)

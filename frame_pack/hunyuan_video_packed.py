@@ -545,6 +545,14 @@ class HunyuanVideoTransformer3DModelPacked(nn.Module):
             return
         self.block_swap = BlockSwap.for_model(self, blocks_to_swap, device, supports_backward, use_pinned_memory)
 
+    def offload_to_cpu(self) -> None:
+        """The whole model to the CPU; with block swap, after its transfers in flight (it comes back with
+        `move_to_device_except_swap_blocks`)."""
+        if self.block_swap is None:
+            self.to("cpu")
+        else:
+            self.block_swap.offload_model(self)
+
     def move_to_device_except_swap_blocks(self, device: torch.device):
         """Move everything to `device`; swapped blocks keep their weights where block swap put them."""
         if self.block_swap is None:

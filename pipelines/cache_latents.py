@@ -11,7 +11,7 @@ Differences from musubi-tuner (each deliberate):
   VAE-encoded on its own; `--batch_size` still sets the datasets' batch_size fallback.
 - `--skip_existing` keeps a file only if it is complete (see `dataset.caching`), including its RoPE indices, so a
   truncated file or one cached with other `--f1` / `--one_frame*` options is redone.
-- Input problems (dataset kinds, missing models, `--vae_dtype`) are reported before any model is loaded, and
+- Input problems (dataset kinds, missing models) are reported before any model is loaded, and
   models are loaded only when some item needs encoding.
 - One-frame caching: a missing `fp_1f_target_index` defaults to the latent window size (what musubi-tuner's help
   says; its code crashed), and RGBA first control images are fed to SigLIP as RGB.
@@ -63,7 +63,13 @@ from frame_pack.sections import (
 from hunyuan_model.frame_math import LATENT_CHANNELS, latent_size, sections_in_latent
 from hunyuan_model.image_encoder import encode_image
 from hunyuan_model.vae import encode_pixels, read_vae_config
-from pipelines.flags import add_device_flag, add_f1_flag, add_model_path, add_vae_memory_flags
+from pipelines.flags import (
+    add_device_flag,
+    add_f1_flag,
+    add_model_path,
+    add_vae_dtype_flag,
+    add_vae_memory_flags,
+)
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
 from utils.cli import HelpFormatter
@@ -88,12 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     add_device_flag(parser)
     add_model_path(parser, "--vae", note="required unless --debug_mode")
-    parser.add_argument(
-        "--vae_dtype",
-        type=str,
-        default=None,
-        help="not supported: the VAE runs in float16 on GPUs (float32 on the CPU) and caches are float16",
-    )
+    add_vae_dtype_flag(parser, note="the cached latents are float16 whatever the VAE computes in")
     debug = parser.add_argument_group("debug mode (show the dataset instead of caching it)")
     debug.add_argument(
         "--debug_mode",
@@ -333,10 +334,6 @@ def _as_list(t: torch.Tensor | None) -> list[int] | None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.vae_dtype is not None:
-        raise CachingError(
-            "--vae_dtype is not supported in FramePack: the VAE runs in float16 on GPUs, float32 on the CPU"
-        )
     if args.debug_mode is None and args.vae is None:
         raise CachingError("--vae is required (unless --debug_mode)")
     check_common_arguments(args)

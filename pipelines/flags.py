@@ -101,3 +101,29 @@ def add_blocks_to_swap_flag(group, default: int | None, maximum: int) -> None:
         default=default,
         help=f"DiT blocks kept on the CPU and streamed to the device when needed (at most {maximum})",
     )
+
+
+VAE_DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+
+
+def add_vae_dtype_flag(group, note: str | None = None) -> None:
+    group.add_argument(
+        "--vae_dtype",
+        type=str,
+        default=None,
+        choices=VAE_DTYPE_CHOICES,
+        help=_help(
+            "VAE precision (default: float16 on CUDA as musubi-tuner, float32 on the CPU, where float16 3D "
+            "convolutions are slow); float16 on the CPU reproduces GPU numerics",
+            note,
+        ),
+    )
+
+
+def add_pinned_block_swap_flag(group) -> None:
+    group.add_argument(
+        "--use_pinned_memory_for_block_swap",
+        action="store_true",
+        help="block swap from page-locked host memory with copies on a CUDA side stream, overlapping the compute "
+        "(CUDA only; holds the swapped blocks in pinned RAM)",
+    )

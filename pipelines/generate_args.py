@@ -25,8 +25,10 @@ from pipelines.flags import (
     add_f1_flag,
     add_fp8_llm_flag,
     add_model_path,
+    add_pinned_block_swap_flag,
     add_section_flags,
     add_tokenizer_flags,
+    add_vae_dtype_flag,
     add_vae_memory_flags,
 )
 from pipelines.prompt_line import LineOption, PromptLineError, parse_line_options
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_blocks_to_swap_flag(mem, MODEL.blocks_to_swap, MAX_BLOCKS_TO_SWAP_INFERENCE)
     add_compile_args(mem)
     add_step_cache_args(p.add_argument_group("step caches (skip the DiT blocks on some steps)"))
+    add_pinned_block_swap_flag(mem)
+    add_vae_dtype_flag(mem)
 
     out = p.add_argument_group("output")
     out.add_argument("--save_path", type=str, default=None, help="output folder (required)")

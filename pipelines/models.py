@@ -3,7 +3,9 @@ pipelines.
 
 With `keep` (batch and interactive generation, sampling during training, caching) a loaded model stays loaded and
 only moves to the CPU between uses; without it each is dropped as soon as its work is done, as musubi-tuner's
-one-shot generation does, so peak memory holds one stage's models at a time.
+one-shot generation does. Either way a stage's models leave the device before the next stage's arrive (encoders
+before the DiT, the DiT, block-swapped or not, before the VAE decodes), so peak device memory is that of the
+largest stage, not the sum; each move is logged with where every model then is (`placement`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from networks.lora_switch import LoraSet, LoraSwitcher, lora_set
 from pipelines.acceleration_args import compile_settings
+from pipelines.flags import VAE_DTYPE_CHOICES
 from pipelines.settings import ModelSettings
 from utils.device import clean_memory
 
@@ -67,6 +70,15 @@ class ModelCache:
         self._image_encoder = None
         self._vae = None
         self._dit = None
+        # model -> "device" (on `device`), "cpu" (loaded, offloaded) or "not loaded"
+        self.placement = dict.fromkeys(("text encoders", "image encoder", "VAE", "DiT"), "not loaded")
+
+    def _place(self, where: dict[str, str]) -> None:
+        """Record where models now are and log the whole placement."""
+        self.placement.update(where)
+        words = {"device": f"on {self.device}", "cpu": "offloaded to cpu", "not loaded": "not loaded"}
+        shown = ", ".join(f"{name} {words[where]}" for name, where in self.placement.items())
+        logger.info(f"models: {shown}")
 
     def text_encoders(self) -> TextEncoders:
         if self._text_encoders is None:
@@ -80,6 +92,7 @@ class ModelCache:
                 tokenizer2=load_tokenizer2(s.tokenizer2, s.text_encoder2),
                 text_encoder2=load_text_encoder2(s.text_encoder2, self.device).eval(),
             )
+        self._place({"text encoders": "device"})
         return self._text_encoders.to(self.device)
 
     def image_encoder(self):
@@ -90,33 +103,39 @@ class ModelCache:
             if self.image_encoder_dtype is not None:
                 encoder = encoder.to(dtype=self.image_encoder_dtype)
             self._image_encoder = encoder.eval().requires_grad_(False)
+        self._place({"image encoder": "device"})
         return self._image_encoder.to(self.device)
 
     def vae(self):
         if self._vae is None:
-            from hunyuan_model.vae import compute_dtype, load_vae
+            from hunyuan_model.vae import load_vae
 
             s = self.settings
-            logger.info(f"Loading VAE from {s.vae}")
+            dtype = vae_dtype(s.vae_dtype, self.device)
+            logger.info(f"Loading VAE from {s.vae} ({dtype})")
             self._vae = load_vae(
                 s.vae,
                 "cpu",
-                dtype=compute_dtype(self.device),
+                dtype=dtype,
                 chunk_size=s.vae_chunk_size,
                 spatial_tile_sample_min_size=s.vae_spatial_tile_sample_min_size,
             )
+        self._place({"VAE": "device"})
         return self._vae.to(self.device)
 
     def dit(self, loras: LoraSet | None = None):
         """The DiT on the device; with a switcher, `loras` (default: the --lora_weight set) merged."""
         if self._dit is None:
             self._dit, self.lora_switcher = load_dit(self.settings, self.device, self.lora_sets)
-        elif self._dit.block_swap is None:
-            self._dit.to(self.device)
+            if self._dit is None:  # --save_merged_model: the merged file is written, nothing was loaded
+                return None
+        else:
+            self._dit.move_to_device_except_swap_blocks(self.device)
         if self.lora_switcher is not None:
             self.lora_switcher.apply(model_loras(self.settings) if loras is None else loras)
         elif loras is not None and loras != model_loras(self.settings):
             raise ValueError("per-line LoRAs (--lw/--lm) cannot be switched with --lycoris")
+        self._place({"DiT": "device"})  # with block swap: its resident blocks; the others stream from the CPU
         return self._dit
 
     def restore_base_weights(self) -> None:
@@ -134,18 +153,38 @@ class ModelCache:
         else:
             self._text_encoders = self._image_encoder = None
         clean_memory(self.device)
+        self._place(
+            {"text encoders": self._released(self._text_encoders), "image encoder": self._released(self._image_encoder)}
+        )
 
     def offload_vae(self) -> None:
         if self._vae is not None:
             self._vae.to("cpu")
+            self._place({"VAE": "cpu"})
         clean_memory(self.device)
 
     def release_dit(self) -> None:
-        if self.keep and self._dit is not None and self._dit.block_swap is None:
-            self._dit.to("cpu")
+        """After sampling: the DiT leaves the device before the VAE decodes (kept on the CPU with `keep`)."""
+        if self.keep and self._dit is not None:
+            self._dit.offload_to_cpu()
         elif not self.keep:
             self._dit = None
         clean_memory(self.device)
+        self._place({"DiT": self._released(self._dit)})
+
+    def _released(self, model) -> str:
+        return "not loaded" if model is None else "cpu"
+
+
+def vae_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """`--vae_dtype`: the named dtype, or the device default (float16 on CUDA as musubi-tuner, float32 on the CPU,
+    which has no fast float16 3D convolutions)."""
+    from hunyuan_model.vae import compute_dtype
+
+    return compute_dtype(device) if name is None else VAE_DTYPES[name]
+
+
+VAE_DTYPES = {name: getattr(torch, name) for name in VAE_DTYPE_CHOICES}
 
 
 def model_loras(settings: ModelSettings) -> LoraSet:
@@ -159,53 +198,58 @@ def model_loras(settings: ModelSettings) -> LoraSet:
 def load_dit(settings: ModelSettings, device: torch.device, lora_sets: list[LoraSet] | None = None):
     """Load, merge LoRAs, optionally save the merged model, quantize, place on the device -> (model, switcher).
 
-    With `lora_sets` (switching LoRAs between generations) the merge goes through a LoraSwitcher, which keeps base
-    copies of the modules those sets touch, before fp8 quantization, so that later switches are exact.
+    Without LoRA switching the checkpoint streams in: each weight is merged and quantized on `device` as it is read
+    (straight to `device` without block swap; to the CPU with it, then only the resident blocks move), and
+    `--save_merged_model` streams file to file and returns (None, None). With `lora_sets` (switching LoRAs between
+    generations) the merge goes through a LoraSwitcher, which keeps base copies of the modules those sets touch,
+    before fp8 quantization, so that later switches are exact; LyCORIS files merge into a fully loaded model too
+    (their networks need the model).
     """
-    from frame_pack.dit_loader import load_packed_model
-    from frame_pack.fp8 import apply_fp8
+    from frame_pack.dit_loader import dit_skeleton, load_packed_model, save_merged_dit
+    from frame_pack.fp8 import Fp8Settings, apply_fp8
+    from networks.lora_merge import merge_lora_files, plan_lora_merge, save_merged_model
 
     s = settings
     quantized = s.fp8 or s.fp8_scaled
     switching = lora_sets is not None and not s.lycoris
-    on_device = s.blocks_to_swap == 0 and not quantized and not s.lora_weight and not switching
-    model = load_packed_model(s.dit, device if on_device else "cpu", attn_mode=s.attn_mode)
+    merge_args = (list(s.lora_weight), list(s.lora_multiplier), s.include_patterns, s.exclude_patterns, device)
     switcher = None
-    if switching:
-        switcher = LoraSwitcher(model, device)
+    if switching or (s.lora_weight and s.lycoris):
+        on_device = s.blocks_to_swap == 0 and not quantized and not s.lora_weight and not switching
+        model = load_packed_model(s.dit, device if on_device else "cpu", attn_mode=s.attn_mode)
+        if switching:
+            switcher = LoraSwitcher(model, device)
+            if quantized:
+                switcher.keep_base(switcher.touched_modules({spec for loras in lora_sets for spec in loras}))
+            switcher.apply(model_loras(s))
+        else:
+            merge_lora_files(model, *merge_args, lycoris=True)
+            if s.save_merged_model:
+                save_merged_model(model, s.save_merged_model)
+                logger.info(f"merged DiT saved to {s.save_merged_model}")
+                return model, None
         if quantized:
-            switcher.keep_base(switcher.touched_modules({spec for loras in lora_sets for spec in loras}))
-        switcher.apply(model_loras(s))
-    elif s.lora_weight:
-        from networks.lora_merge import merge_lora_files
-
-        merge_lora_files(
-            model,
-            list(s.lora_weight),
-            list(s.lora_multiplier),
-            include_patterns=s.include_patterns,
-            exclude_patterns=s.exclude_patterns,
-            device=device,
-            lycoris=s.lycoris,
-        )
+            apply_fp8(model, scaled=s.fp8_scaled, device=device, keep_on_device=s.blocks_to_swap == 0)
+    else:
+        merge = plan_lora_merge(dit_skeleton(s.dit), *merge_args).merge_weight if s.lora_weight else None
         if s.save_merged_model:
-            from networks.lora_merge import save_merged_model
-
-            save_merged_model(model, s.save_merged_model)
+            save_merged_dit(s.dit, merge, s.save_merged_model)
             logger.info(f"merged DiT saved to {s.save_merged_model}")
-            return model, None
-    if quantized:
-        apply_fp8(model, scaled=s.fp8_scaled, device=device, keep_on_device=s.blocks_to_swap == 0)
+            return None, None
+        home = device if s.blocks_to_swap == 0 else torch.device("cpu")
+        fp8 = Fp8Settings(scaled=s.fp8_scaled, device=device) if quantized else None
+        model = load_packed_model(s.dit, home, attn_mode=s.attn_mode, weight_transform=merge, fp8=fp8)
+    model.eval().requires_grad_(False)
     model.enable_rope_scaling(s.rope_scaling_timestep_threshold, s.rope_scaling_factor)
     if s.blocks_to_swap > 0:
-        model.enable_block_swap(s.blocks_to_swap, device)
+        model.enable_block_swap(s.blocks_to_swap, device, use_pinned_memory=s.use_pinned_memory_for_block_swap)
     model.move_to_device_except_swap_blocks(device)
     compile_with = compile_settings(s)
     if compile_with is not None:
         from frame_pack.compile import compile_blocks
 
         compile_blocks(model, compile_with)
-    return model.eval().requires_grad_(False), switcher
+    return model, switcher
 
 
 def dit_dtype(model) -> torch.dtype:

@@ -118,6 +118,8 @@ class ModelSettings:
     fp8_llm: bool = False
     attn_mode: str = "torch"
     blocks_to_swap: int = 0
+    use_pinned_memory_for_block_swap: bool = False
+    vae_dtype: str | None = None  # float16 / bfloat16 / float32; None: float16 on CUDA, float32 on the CPU
     vae_chunk_size: int | None = None
     vae_spatial_tile_sample_min_size: int | None = None
     lora_weight: tuple[str, ...] = ()

@@ -142,3 +142,26 @@ def test_pinned_block_swap_refuses_trainable_weights_and_needs_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
             bs.BlockSwap.for_model(model, 2, torch.device("cpu"), use_pinned_memory=True)
+
+
+def test_offloading_a_block_swapped_model_reuses_the_pinned_copies_and_it_comes_back_exact():
+    config = tiny_dit_config(num_layers=4, num_single_layers=4)
+    model = fp32_model(config).requires_grad_(False)
+    kw = section_inputs(dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(**kw)
+    transfers = StandInTransfers()
+    model.block_swap = pinned_swap(model, 2, 2, transfers)
+    model.move_to_device_except_swap_blocks("cpu")
+    with torch.no_grad():
+        model(**kw)
+    pinned_before = len(transfers.pinned)
+    model.offload_to_cpu()  # between generations: the DiT leaves the device before the VAE decodes
+    for stack in model.block_swap.stacks:
+        assert stack.pending == {}
+        for i in stack.moving_blocks():
+            assert all(w.data_ptr() in transfers.pinned for w in bs._weights(stack.blocks[i]))
+    assert len(transfers.pinned) == pinned_before  # no second host copy
+    model.move_to_device_except_swap_blocks("cpu")
+    with torch.no_grad():
+        assert torch.equal(model(**kw), expected)

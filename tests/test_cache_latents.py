@@ -229,7 +229,6 @@ def test_missing_image_encoder_is_a_usage_error(tmp_path, capsys):
         ("video_with_one_frame", "is a video dataset"),
         ("one_frame_without_controls", "has no control images"),
         ("unknown_key", "fp_latent_windows"),
-        ("vae_dtype", "--vae_dtype"),
         ("no_vae", "--vae is required"),
         ("missing_vae_file", "no such file"),
         ("short_clip", "at least 37 frames"),
@@ -247,8 +246,6 @@ def test_bad_input_fails_before_any_model_is_loaded(case, message, tmp_path, mod
         flags = ["--one_frame"]
     elif case == "unknown_key":
         config = str(write_config(tmp_path / "i.toml", [{**image_entry, "fp_latent_windows": 9}]))
-    elif case == "vae_dtype":
-        flags = ["--vae_dtype", "float32"]
     elif case == "missing_vae_file":
         vae = str(tmp_path / "nowhere.safetensors")
     elif case == "short_clip":
@@ -313,6 +310,28 @@ def test_inverted_sections_are_slices_of_the_seeded_video_latent(inverted, model
     encoder = load_image_encoder(models["image_encoder"]).half()
     embeddings = read(inverted / section_name("clip_0", 0))[0]["image_embeddings_float16"]
     assert torch.equal(embeddings, encode_image(item.content[0], encoder)[0])
+
+
+def test_vae_dtype_float16_caches_the_float16_vae_numerics(inverted, models, videos, tmp_path):
+    """On the CPU the default VAE runs in float32; --vae_dtype float16 gives what a GPU computes."""
+    directory = tmp_path / "cache16"
+    assert cache(video_config(tmp_path / "v.toml", videos, directory), models, "--vae_dtype", "float16") == 0
+    group = load_dataset_group(video_config(tmp_path / "c.toml", videos, directory), seed=0)
+    item = next(i for _, batch in group.datasets[0].retrieve_latent_cache_batches(1) for i in batch)
+    seed = zlib.crc32(f"clip_0_00000-013_{SIZE[0]:04d}x{SIZE[1]:04d}_fp.safetensors".encode())
+    pixels = torch.from_numpy(item.content[:9]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    vae16 = load_vae(models["vae"], dtype=torch.float16)
+    expected = encode_pixels(vae16, pixels, torch.Generator().manual_seed(seed))[0].half()
+    got, float32_run = reconstruct(directory, "clip_0", 1), reconstruct(inverted, "clip_0", 1)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, float32_run)
+    torch.testing.assert_close(got.float(), float32_run.float(), atol=2e-2, rtol=0)
+
+
+def test_vae_dtype_outside_the_choices_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cl.main(["--dataset_config", "x.toml", "--vae_dtype", "float64"])
+    assert "--vae_dtype" in capsys.readouterr().err
 
 
 def test_f1_caches(tmp_path, models, videos, inverted):

@@ -122,7 +122,7 @@ def test_int_or_float_and_config_file(tmp_path, models, single):
         (["--sdpa", "--sage_attn"], "--sage_attn"),
         (["--sdpa", "--fp8_scaled"], "--fp8_base"),
         (["--sdpa", "--blocks_to_swap", "37"], "--blocks_to_swap"),
-        (["--sdpa", "--vae_dtype", "bfloat16"], "--vae_dtype"),
+        (["--sdpa", "--vae_dtype", "float64"], "--vae_dtype"),
         (["--sdpa", "--dim_from_weights"], "--network_weights"),
         (["--sdpa", "--sample_prompts", __file__], "--vae"),
     ],

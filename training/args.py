@@ -21,8 +21,10 @@ from pipelines.flags import (
     add_f1_flag,
     add_fp8_llm_flag,
     add_model_path,
+    add_pinned_block_swap_flag,
     add_section_flags,
     add_tokenizer_flags,
+    add_vae_dtype_flag,
     add_vae_memory_flags,
 )
 from training.timesteps import DEFAULT_VALIDATION_TIMESTEPS, TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
@@ -46,7 +48,6 @@ ATTENTION_FLAGS = {
     "flash3": "flash3",
 }
 DIT_DTYPE = "bfloat16"  # fixed for FramePack training
-VAE_DTYPE = "float16"  # the only accepted --vae_dtype
 SAMPLE_SOLVER = "unipc"  # sampling during training always uses UniPC
 DEFAULT_NETWORK_MODULE = "networks.lora_framepack"
 # Config-file keys that name no flag but are accepted (musubi-tuner stores them on the namespace).
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8_scaled", action="store_true", help="fp8 with a per-tensor scale (needs --fp8_base)")
     add_fp8_llm_flag(g, note="sample prompts only")
     add_blocks_to_swap_flag(g, None, MAX_BLOCKS_TO_SWAP_TRAINING)
+    add_pinned_block_swap_flag(g)
     g.add_argument("--img_in_txt_in_offloading", action="store_true", help="accepted; unused by FramePack")
 
     g = p.add_argument_group("flow matching and timesteps")
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     add_model_path(g, "--dit", note="required")
     add_model_path(g, "--vae", note="for sampling")
-    g.add_argument("--vae_dtype", type=str, default=None, help=f"must be {VAE_DTYPE} or omitted")
+    add_vae_dtype_flag(g, note="sampling during training")
     for flag in ("--text_encoder1", "--text_encoder2", "--image_encoder"):
         add_model_path(g, flag, note="required with --sample_prompts")
     add_tokenizer_flags(g)
@@ -479,9 +481,7 @@ def validate_args(args: argparse.Namespace) -> None:
         attention_mode(args)
     if args.fp8_scaled and not args.fp8_base:
         raise ValueError("--fp8_scaled needs --fp8_base")
-    if args.vae_dtype not in (None, VAE_DTYPE):
-        raise ValueError(f"--vae_dtype must be {VAE_DTYPE} for FramePack, got {args.vae_dtype}")
-    args.vae_dtype, args.dit_dtype, args.sample_solver = VAE_DTYPE, DIT_DTYPE, SAMPLE_SOLVER
+    args.dit_dtype, args.sample_solver = DIT_DTYPE, SAMPLE_SOLVER
     args.network_module = args.network_module or DEFAULT_NETWORK_MODULE
     if args.dim_from_weights and not args.network_weights:
         raise ValueError("--dim_from_weights needs --network_weights")

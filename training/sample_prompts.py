@@ -54,6 +54,7 @@ MODEL_FLAGS = (
     "fp8_llm",
     "vae_chunk_size",
     "vae_spatial_tile_sample_min_size",
+    "vae_dtype",
 )
 
 # Training flags of the step caches, applied to every sample (the same flags as fpack_generate_video.py).

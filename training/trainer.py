@@ -178,7 +178,8 @@ def load_dit(args: argparse.Namespace, device: torch.device):
     )
     dit.eval().requires_grad_(False)
     if swap:
-        dit.enable_block_swap(swap, device, supports_backward=True)
+        pinned = args.use_pinned_memory_for_block_swap
+        dit.enable_block_swap(swap, device, supports_backward=True, use_pinned_memory=pinned)
     dit.move_to_device_except_swap_blocks(device)
     return dit
 
