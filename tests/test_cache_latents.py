@@ -319,7 +319,7 @@ def test_vae_dtype_float16_caches_the_float16_vae_numerics(inverted, models, vid
     group = load_dataset_group(video_config(tmp_path / "c.toml", videos, directory), seed=0)
     item = next(i for _, batch in group.datasets[0].retrieve_latent_cache_batches(1) for i in batch)
     seed = zlib.crc32(f"clip_0_00000-013_{SIZE[0]:04d}x{SIZE[1]:04d}_fp.safetensors".encode())
-    pixels = torch.from_numpy(item.content[:9]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    pixels = torch.from_numpy(item.content[:9]).permute(3, 0, 1, 2)[None].half() / 127.5 - 1.0  # cast, then scale
     vae16 = load_vae(models["vae"], dtype=torch.float16)
     expected = encode_pixels(vae16, pixels, torch.Generator().manual_seed(seed))[0].half()
     got, float32_run = reconstruct(directory, "clip_0", 1), reconstruct(inverted, "clip_0", 1)
