@@ -23,9 +23,9 @@ def stage_placements(monkeypatch):
     for stage, method in (("text", "text_encoders"), ("image", "image_encoder"), ("VAE", "vae"), ("DiT", "dit")):
         original = getattr(ModelCache, method)
 
-        def spy(self, original=original, stage=stage):
+        def spy(self, *args, original=original, stage=stage, **kwargs):
             seen.append((stage, dict(self.placement)))
-            return original(self)
+            return original(self, *args, **kwargs)
 
         monkeypatch.setattr(ModelCache, method, spy)
     return seen
