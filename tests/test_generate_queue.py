@@ -129,10 +129,11 @@ def test_lines_with_the_same_loras_do_no_switching_work(models, image, loras, tm
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"p --i {image} --d {d} --vs 1 --s 1\n" for d in (1, 2, 3)))
     merges = []
-    original = lora_merge.merge_lora_files
-    monkeypatch.setattr(lora_merge, "merge_lora_files", lambda *x, **k: merges.append(1) or original(*x, **k))
+    for name in ("merge_lora_files", "plan_lora_merge"):  # a merge into the loaded model, or one while streaming
+        original = getattr(lora_merge, name)
+        monkeypatch.setattr(lora_merge, name, lambda *x, _f=original, _n=name, **k: merges.append(_n) or _f(*x, **k))
     run(models, tmp_path / "out", "--from_file", prompts, "--output_type", "latent", "--lora_weight", a)
-    assert len(merges) == 1  # merged once at load, never again
+    assert merges == ["plan_lora_merge"]  # merged once, while the DiT streams in; never again
 
 
 def test_previews_after_each_section_hold_the_video_so_far(models, image, tmp_path, monkeypatch):
