@@ -21,3 +21,11 @@ def tiny_dit_files(tmp_path_factory):
         "sharded": write_dit_sharded(root / "FramePackI2V_HY"),
         "single": write_dit_single(root / KIJAI_NAME),
     }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A full set of tiny models (every checkpoint a generation or training run needs), written once per module."""
+    from tests.factory.models import write_all_models
+
+    return write_all_models(tmp_path_factory.mktemp("models"))

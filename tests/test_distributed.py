@@ -18,7 +18,6 @@ import pipelines.cache_text_encoder_outputs as ct
 from pipelines import generate as G
 from pipelines.latent_file import load_latent
 from tests.factory.datasets import make_video_dataset, write_config
-from tests.factory.models import write_all_models
 from utils.distributed import SINGLE_PROCESS, Outcome, Processes, ShareFailed, failure_summary, share
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,11 +83,6 @@ def test_each_process_takes_its_own_device_unless_one_is_named(monkeypatch):
 
 
 # ---- two processes ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return write_all_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,14 @@ import torch
 from pipelines import generate as G
 from pipelines.latent_file import load_latent, save_latent
 from pipelines.models import ModelCache
-from tests.factory.models import write_all_models
+from tests.factory.datasets import write_start_image
 from tests.test_generate import LWS, H, W, count_dit_calls, files, run
 from utils.video_io import read_video_frames, read_video_metadata, save_video
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return write_all_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
 def start_image(tmp_path_factory):
-    from PIL import Image
-
-    img = np.zeros((40, 60, 3), np.uint8)
-    img[:] = (200, 40, 40)
-    img[10:30, 20:40] = 255
-    path = tmp_path_factory.mktemp("images") / "start.png"
-    Image.fromarray(img).save(path)
-    return str(path)
+    return write_start_image(tmp_path_factory.mktemp("images") / "start.png")
 
 
 def saved_input(tmp_path, frames, seed=0, name="input.safetensors"):

@@ -15,7 +15,7 @@ from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked
 from pipelines import generate as G
 from pipelines.generate_args import build_parser, parse_prompt_line
 from pipelines.latent_file import load_latent
-from tests.factory.models import write_all_models
+from tests.factory.datasets import write_start_image
 from utils.video_io import read_video_frames, read_video_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,22 +24,9 @@ H, W = 32, 48
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return write_all_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    paths = []
-    for i, color in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        img = np.zeros((40, 60, 3), np.uint8)
-        img[:] = color
-        img[10:30, 20 + 5 * i : 40 + 5 * i] = 255
-        path = folder / f"img{i}.png"
-        Image.fromarray(img).save(path)
-        paths.append(str(path))
-    return paths
+    return [write_start_image(folder / f"img{i}.png", i) for i in range(3)]
 
 
 def run(models, out, *extra, check=True):

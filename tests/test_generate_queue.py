@@ -17,9 +17,9 @@ from pipelines.latent_file import load_latent
 from pipelines.models import load_dit
 from pipelines.run_metadata import read_settings
 from pipelines.settings import ModelSettings
+from tests.factory.datasets import write_start_image
 from tests.factory.dit import tiny_dit_config
 from tests.factory.lora import framepack_lora, framepack_modules, random_lora
-from tests.factory.models import write_all_models
 from utils.safetensors_utils import save_safetensors
 from utils.video_io import read_video_frames
 
@@ -28,18 +28,8 @@ H, W = 32, 48
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return write_all_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    img = np.zeros((40, 60, 3), np.uint8)
-    img[:] = (200, 40, 40)
-    img[10:30, 20:40] = 255
-    path = tmp_path_factory.mktemp("images") / "start.png"
-    Image.fromarray(img).save(path)
-    return str(path)
+    return write_start_image(tmp_path_factory.mktemp("images") / "start.png")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pipelines.latent_file import load_latent
 from tests import test_generate as TG
 from tests.test_generate import files, generate_latent_file, run
 
-models, images = TG.models, TG.images  # the same module-scoped fixtures: tiny models and start images
+images = TG.images  # the same module-scoped start images (models: the conftest fixture)
 
 REPORT = re.compile(r"(MagCache|TeaCache): (?:positive branch: )?the blocks ran on (\d+) of (\d+) steps")
 

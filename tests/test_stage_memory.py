@@ -13,7 +13,7 @@ from pipelines.settings import ModelSettings
 from tests import test_generate
 
 ENCODERS = ("text encoders", "image encoder")
-models, images, run = test_generate.models, test_generate.images, test_generate.run  # the generation fixtures
+images, run = test_generate.images, test_generate.run  # the generation start images and runner
 
 
 @pytest.fixture

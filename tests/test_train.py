@@ -22,18 +22,12 @@ from safetensors.torch import load_file
 from tests.factory.caches import one_frame_dataset_config, video_dataset_config
 from tests.factory.dit import tiny_dit_config
 from tests.factory.lora import framepack_modules
-from tests.factory.models import write_all_models
 from training import timesteps as T
 from training.args import build_parser, int_or_float, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LWS = 3
 RANK = 4
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return write_all_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

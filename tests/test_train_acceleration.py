@@ -12,7 +12,7 @@ from frame_pack.magcache import DEFAULT_MAG_RATIOS, magcache_schedule, resample_
 from tests import test_train as TT
 from tests.test_train import LWS, sample_model_files, train
 
-models, single = TT.models, TT.single  # the same module-scoped fixtures: tiny models, one cached section
+single = TT.single  # the same module-scoped cached section (models: the conftest fixture)
 
 
 def test_compiled_training_matches_eager_and_samples_use_magcache(models, single, tmp_path, caplog):

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from dataset.config import VideoDatasetParams
 from dataset.image_video_dataset import build_dataset_group
 from tests.factory.datasets import write_config, write_fake_latent_cache, write_fake_text_cache
-from tests.test_train import LWS, models, train  # noqa: F401  (the models fixture)
+from tests.test_train import LWS, train
 from training import data as D
 
 SEED = 7

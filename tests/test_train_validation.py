@@ -15,7 +15,7 @@ from dataset.config import VideoDatasetParams, load_dataset_params
 from dataset.image_video_dataset import build_dataset_group
 from tests.factory.caches import write_video_caches
 from tests.factory.datasets import write_config
-from tests.test_train import LWS, metrics, models, train  # noqa: F401  (the models fixture)
+from tests.test_train import LWS, metrics, train
 
 SEED = 5
 TIMESTEPS = (250, 750)

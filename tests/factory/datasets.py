@@ -257,3 +257,15 @@ def write_fake_text_cache(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"architecture": "framepack", "caption1": "x", "format_version": "1.0.1"})
     return path
+
+
+START_IMAGE_COLORS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
+
+
+def write_start_image(path: Path, index: int = 0) -> str:
+    """A 60x40 start image: a flat colour with a white square whose position depends on `index` (0..2)."""
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:] = START_IMAGE_COLORS[index]
+    img[10:30, 20 + 5 * index : 40 + 5 * index] = 255
+    Image.fromarray(img).save(path)
+    return str(path)
