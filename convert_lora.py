@@ -24,13 +24,13 @@ import torch
 
 from networks.lora_convert import (
     OUR_HEADER_KEYS,
-    LoraFormatError,
     convert_to_framepack,
     export_lora_file,
     load_lora_file,
 )
 from networks.lora_inspect import format_report, inspect_lora_file
-from utils.safetensors_utils import WeightFileError, save_safetensors
+from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, entry_point
+from utils.safetensors_utils import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="convert_lora.py", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", default=None, help="LoRA file to convert (.safetensors); required unless --inspect")
     parser.add_argument(
         "--output", default=None, help="where to write the converted LoRA (.safetensors); required unless --inspect"
@@ -85,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="--inspect: the multiplier to show the effective scale for (default: 1.0)",
     )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.inspect is None:
         missing = [f"--{name}" for name in ("input", "output", "target") if getattr(args, name) is None]
@@ -121,18 +122,15 @@ def convert(
     logger.info(f"wrote {output_path}")
 
 
+@entry_point
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    try:
-        if args.inspect is not None:
-            print(format_report(inspect_lora_file(args.inspect), args.multiplier))
-        else:
-            dtype = DTYPES[args.dtype] if args.dtype else None
-            convert(args.input, args.output, args.target, args.prefix, not args.no_fold_alpha, dtype)
-    except (LoraFormatError, WeightFileError) as e:
-        logger.error(str(e))
-        return 1
+    if args.inspect is not None:
+        print(format_report(inspect_lora_file(args.inspect), args.multiplier))
+    else:
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        convert(args.input, args.output, args.target, args.prefix, not args.no_fold_alpha, dtype)
     return 0
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from utils.cli import check_positive
+from utils.cli import UserError, check_positive
 from utils.safetensors_utils import (
     SAFETENSORS_DTYPES,
     TensorInfo,
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 HEADER_ERRORS = (WeightFileError, ValueError, KeyError, TypeError, AttributeError)
 
 
-class CachingError(ValueError):
+class CachingError(UserError, ValueError):
     """Bad input for a caching run (flags, dataset kinds, clip lengths); the message says what to change."""
 
 

@@ -23,11 +23,12 @@ from typing import Any
 import toml
 
 from dataset.frames import FRAME_EXTRACTION_MODES
+from utils.cli import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(UserError, ValueError):
     """Invalid dataset config; `file`, `entry` (e.g. "[[datasets]] #2") and `key` say where."""
 
     def __init__(self, message: str, file: str | None = None, entry: str | None = None, key: str | None = None):

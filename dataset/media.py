@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from dataset.buckets import BucketSelector, resize_image_to_bucket
+from utils.cli import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = tuple(_IMAGE_BASE + [e.upper() for e in _IMA
 VIDEO_EXTENSIONS: tuple[str, ...] = tuple(_VIDEO_BASE + [e.upper() for e in _VIDEO_BASE])
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A media, caption or metadata file is missing or cannot be read."""
 
 

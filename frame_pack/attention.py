@@ -15,6 +15,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from utils.cli import UserError
+
 ATTN_MODES = ("torch", "sdpa", "flash", "flash3", "sageattn", "xformers")
 
 _BACKEND_PACKAGES = {
@@ -25,7 +27,7 @@ _BACKEND_PACKAGES = {
 }
 
 
-class AttentionBackendError(RuntimeError):
+class AttentionBackendError(UserError, RuntimeError):
     pass
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from utils.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 COMPILE_BACKENDS_NEEDING_A_COMPILER = ("inductor",)
@@ -24,7 +26,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 COMPILE_DYNAMIC = {"true": True, "false": False, "auto": None}
 
 
-class CompileUnavailableError(ValueError):
+class CompileUnavailableError(UserError, ValueError):
     """torch.compile cannot run the chosen backend on this machine (the message says what to install)."""
 
 

@@ -28,6 +28,7 @@ from fractions import Fraction
 import torch
 
 from frame_pack.sections import SECTION_SEPARATOR, parse_section_spec, section_start_seconds, select_section_key
+from utils.cli import UserError
 
 BRACKET_RE = re.compile(r"\[[^\[\]]*\]?")  # a bracket group; an unclosed one runs to the next "[" or the end
 TIMED_HINT_RE = re.compile(r"\[\s*[-+\d.]")  # "[" followed by a (signed) number: the prompt means to use timed tokens
@@ -36,7 +37,7 @@ TOKEN_RE = re.compile(rf"^\[\s*{_TIME}\s*(?:-\s*{_TIME}\s*)?:(.*)\]$", re.DOTALL
 TOKEN_FORM = "[Ts: text] or [As-Bs: text], times in seconds such as 0s, 2s, 3.5s"
 
 
-class TimedPromptError(ValueError):
+class TimedPromptError(UserError, ValueError):
     """A timed prompt that cannot be placed; the message names the token at fault."""
 
 

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER_REPO = "hunyuanvideo-community/HunyuanVideo"
@@ -26,7 +28,7 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class TokenizerUnavailableError(OSError):
+class TokenizerUnavailableError(UserError, OSError):
     """No usable tokenizer files locally, and the hub could not provide them."""
 
 

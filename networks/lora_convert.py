@@ -42,6 +42,7 @@ import torch
 from networks.lora import ALPHA_KEY, DOWN_KEY, LORA_PREFIX, UP_KEY
 from networks.lora_framepack import module_path
 from utils.checkpoint_kinds import identify_checkpoint
+from utils.cli import UserError
 from utils.safetensors_utils import load_state_dict, read_header, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ ALPHA_FROM_FOLDED = f"folded into the factors (header {FOLDED_ALPHAS_KEY})"
 ALPHA_FROM_NONE = "none stored (alpha = rank)"
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(UserError, ValueError):
     """A LoRA file whose layout is not one this tool can merge."""
 
 

@@ -32,12 +32,13 @@ from networks.lora_convert import (
     ranks_alphas,
 )
 from networks.lora_framepack import module_path, target_linears
+from utils.cli import UserError
 from utils.safetensors_utils import save_safetensors
 
 logger = logging.getLogger(__name__)
 
 
-class LycorisUnavailableError(ImportError):
+class LycorisUnavailableError(UserError, ImportError):
     """`--lycoris` without the lycoris-lora package."""
 
 

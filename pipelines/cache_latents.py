@@ -42,10 +42,10 @@ from dataset.caching import (
     resolve_num_workers,
     save_cache_file,
 )
-from dataset.config import DatasetConfigError, load_dataset_params
+from dataset.config import load_dataset_params
 from dataset.debug_view import DEBUG_MODES, show_datasets
 from dataset.image_video_dataset import ImageDataset, ItemInfo, VideoDataset, build_dataset_group
-from dataset.media import MediaError, latent_mask
+from dataset.media import latent_mask
 from frame_pack.sections import (
     CLEAN_1X_FRAMES,
     CLEAN_2X_FRAMES,
@@ -72,19 +72,18 @@ from pipelines.flags import (
 )
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
-from utils.cli import HelpFormatter
+from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, entry_point
 from utils.distributed import SINGLE_PROCESS, Processes, run_in_processes
-from utils.safetensors_utils import WeightFileError, resolve_weight_files
+from utils.safetensors_utils import resolve_weight_files
 
 logger = logging.getLogger(__name__)
 
 LATENT_DTYPE = torch.float16  # cached latents and image embeddings are float16, as musubi-tuner's
 DEFAULT_ONE_FRAME_CLEAN_INDICES = (0,)
-CACHING_ERRORS = (CachingError, DatasetConfigError, MediaError, WeightFileError)  # reported without a traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fpack_cache_latents.py",
         description="Cache FramePack latents (VAE) and image embeddings (SigLIP) of a dataset for training.",
         formatter_class=HelpFormatter,
@@ -120,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fp.add_argument("--one_frame_no_2x", action="store_true", help="one-frame: no clean 2x indices")
     fp.add_argument("--one_frame_no_4x", action="store_true", help="one-frame: no clean 4x indices")
+    add_debug_flag(parser)
     return parser
 
 
@@ -431,14 +431,15 @@ def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None
             first += len(dataset.datasource)
         return expected
 
-    shares = processes.run_share(cache_share, CACHING_ERRORS)
+    shares = processes.run_share(cache_share)
     if processes.is_main:
         for index, dataset in enumerate(datasets):
             expected = [path for share in shares for path in share[index]]
             remove_stale_files(dataset.get_all_latent_cache_files(), expected, args.keep_cache)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return run_in_processes(lambda processes: run(args, processes), CACHING_ERRORS)
+    return run_in_processes(lambda processes: run(args, processes))

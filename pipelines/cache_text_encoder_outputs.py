@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from dataset import cache_paths
 from dataset.caching import (
     HEADER_ERRORS,
-    CachingError,
     ExpectedTensor,
     add_common_arguments,
     cache_file_problem,
@@ -35,31 +34,29 @@ from dataset.caching import (
     resolve_num_workers,
     save_cache_file,
 )
-from dataset.config import DatasetConfigError, load_dataset_params
+from dataset.config import load_dataset_params
 from dataset.image_video_dataset import ItemInfo, build_dataset_group
-from dataset.media import MediaError
 from hunyuan_model.text_encoder import LLAMA_PADDED_LENGTH
-from hunyuan_model.tokenizers import TokenizerUnavailableError
 from pipelines.flags import add_device_flag, add_fp8_llm_flag, add_model_path, add_tokenizer_flags
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
+from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, entry_point
 from utils.distributed import SINGLE_PROCESS, Processes, run_in_processes
-from utils.safetensors_utils import SAFETENSORS_DTYPES, WeightFileError, read_header, resolve_weight_files
+from utils.safetensors_utils import SAFETENSORS_DTYPES, read_header, resolve_weight_files
 
 logger = logging.getLogger(__name__)
 
 LLAMA_VEC_PREFIX = "llama_vec_"
 LLAMA_MASK_KEY = "llama_attention_mask"
 CLIP_POOLER_PREFIX = "clip_l_pooler_"
+
+
 # reported without a traceback
-CACHING_ERRORS = (CachingError, DatasetConfigError, MediaError, WeightFileError, TokenizerUnavailableError)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fpack_cache_text_encoder_outputs.py",
         description="Cache FramePack text encoder outputs (LLaMA and CLIP-L) of every caption of a dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common_arguments(parser)
     add_device_flag(parser)
@@ -67,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_path(parser, "--text_encoder2", required=True)
     add_fp8_llm_flag(parser)
     add_tokenizer_flags(parser)
+    add_debug_flag(parser)
     return parser
 
 
@@ -159,12 +157,13 @@ def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None
             first += len(dataset.datasource)
         return expected
 
-    shares = processes.run_share(cache_share, CACHING_ERRORS)
+    shares = processes.run_share(cache_share)
     if processes.is_main:
         remove_stale_files(existing, [path for share in shares for path in share], args.keep_cache)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return run_in_processes(lambda processes: run(args, processes), CACHING_ERRORS)
+    return run_in_processes(lambda processes: run(args, processes))

@@ -23,6 +23,7 @@ from hunyuan_model.frame_math import (
     round_to_4n_plus_1,
 )
 from pipelines.latent_file import load_latent
+from utils.cli import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ LATENT_SUFFIXES = (".safetensors", ".pt", ".pth")
 FLAG = "--extend_video"
 
 
-class ExtendVideoError(ValueError):
+class ExtendVideoError(UserError, ValueError):
     """An input that cannot be extended; the message names the flag and the file."""
 
 

@@ -56,6 +56,7 @@ from pipelines.run_metadata import (
     settings_to_metadata,
 )
 from pipelines.settings import GenerationSettings, ModelSettings, lora_multipliers
+from utils.cli import entry_point
 from utils.distributed import SINGLE_PROCESS, Processes, launched_processes, launched_rank, start_processes
 from utils.video_io import save_images, save_video, to_uint8_frames
 
@@ -690,6 +691,7 @@ def run_decode_only(
     return 0
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()

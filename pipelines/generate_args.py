@@ -33,7 +33,7 @@ from pipelines.flags import (
 )
 from pipelines.prompt_line import LineOption, PromptLineError, parse_line_options
 from pipelines.settings import GenerationSettings, ModelSettings
-from utils.cli import HelpFormatter, check_positive
+from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, check_positive
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
 
@@ -44,7 +44,7 @@ GEN, MODEL = GenerationSettings(), ModelSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="fpack_generate_video.py",
         description="FramePack image-to-video generation (original inverted anti-drifting, or F1 with --f1).",
         formatter_class=HelpFormatter,
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="print the generation recorded in one of our outputs as a command line and exit",
     )
+    add_debug_flag(p)
     return p
 
 
@@ -515,4 +516,3 @@ def check_line_loras(settings: GenerationSettings, parsed: dict) -> None:
     mults = [mult] if isinstance(mult, (int, float)) else list(mult or [1.0])
     if count and len(mults) not in (1, count):
         raise PromptLineError(f"--lm: give one multiplier for all or one per LoRA ({count}), got {len(mults)}")
-

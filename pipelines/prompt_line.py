@@ -9,12 +9,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from utils.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 OPTION_SEPARATOR = " --"
 
 
-class PromptLineError(ValueError):
+class PromptLineError(UserError, ValueError):
     pass
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from safetensors import safe_open
 
+from utils.cli import UserError
 from utils.file_hash import HASH_SCHEME, quick_hash
 from utils.video_io import read_png_metadata, read_video_metadata
 
@@ -50,7 +51,7 @@ PATH_FLAGS = (
 )  # fmt: skip
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """A file given to --from_metadata / --show_metadata that holds no usable settings."""
 
 
@@ -268,4 +269,3 @@ def required_kinds(output_type: str, one_frame: bool) -> set[str]:
         "latent_images": {"latent", "images"},
     }[output_type]
     return {"images" if (k == "video" and one_frame) else k for k in kinds}
-

@@ -234,7 +234,7 @@ def test_missing_image_encoder_is_a_usage_error(tmp_path, capsys):
         ("short_clip", "at least 37 frames"),
     ],
 )
-def test_bad_input_fails_before_any_model_is_loaded(case, message, tmp_path, models, videos, no_models, caplog):
+def test_bad_input_fails_before_any_model_is_loaded(case, message, tmp_path, models, videos, no_models, capsys):
     images = make_image_dataset(tmp_path, sizes=(SIZE,))
     image_entry = dict(image_directory=images.directory, caption_extension=".txt", resolution=list(SIZE))
     config = video_config(tmp_path / "v.toml", videos, tmp_path / "cache")
@@ -253,9 +253,9 @@ def test_bad_input_fails_before_any_model_is_loaded(case, message, tmp_path, mod
     argv = ["--dataset_config", config, "--image_encoder", models["image_encoder"], *flags]
     if case != "no_vae":
         argv += ["--vae", vae]
-    with caplog.at_level(logging.ERROR):
-        assert cl.main(argv) == 1
-    assert message in caplog.text
+    assert cl.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err.split("error: ", 1)[1]
     assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -142,7 +141,7 @@ def test_help_lists_every_reference_flag(capsys):
 
 
 @pytest.mark.parametrize(("case", "message"), [("missing_encoder", "no such file"), ("bad_config", "batch_sizes")])
-def test_bad_input_fails_before_any_model_is_loaded(case, message, dataset, encoders, tmp_path, monkeypatch, caplog):
+def test_bad_input_fails_before_any_model_is_loaded(case, message, dataset, encoders, tmp_path, monkeypatch, capsys):
     config, files = dataset
     monkeypatch.setattr(text_encoder_module, "load_text_encoder1", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(tokenizers_module, "load_tokenizer1", lambda *a, **k: pytest.fail("a tokenizer was loaded"))
@@ -151,9 +150,9 @@ def test_bad_input_fails_before_any_model_is_loaded(case, message, dataset, enco
         argv = ["--text_encoder1", str(encoders.llama_comfy)]
     else:
         argv = ["--text_encoder1", str(tmp_path / "missing.safetensors")]
-    with caplog.at_level(logging.ERROR):
-        assert ct.main(["--dataset_config", config, *argv, "--text_encoder2", str(encoders.clip_comfy)]) == 1
-    assert message in caplog.text
+    assert ct.main(["--dataset_config", config, *argv, "--text_encoder2", str(encoders.clip_comfy)]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err.split("error: ", 1)[1]
     assert not any(path.exists() for path in files)
 
 

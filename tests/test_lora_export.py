@@ -281,7 +281,9 @@ def test_loras_for_other_models_and_random_files_are_refused_by_name(name, keys,
     assert text.startswith(f"{path}: {message}")
     assert sorted(sd)[0] in text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert convert_lora.main(["--input", path, "--output", str(tmp_path / "o.safetensors"), "--target", "other"]) == 1
+    with pytest.raises(SystemExit) as failed:
+        convert_lora.main(["--input", path, "--output", str(tmp_path / "o.safetensors"), "--target", "other"])
+    assert failed.value.code == 2
 
 
 # ---- --inspect ----------------------------------------------------------------------------------------------------

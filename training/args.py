@@ -28,7 +28,7 @@ from pipelines.flags import (
     add_vae_memory_flags,
 )
 from training.timesteps import DEFAULT_VALIDATION_TIMESTEPS, TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
-from utils.cli import HelpFormatter, check_positive
+from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def int_or_float(value: str) -> int | float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="fpack_train_network.py",
         description="FramePack LoRA training from cached latents and text encoder outputs.",
         formatter_class=HelpFormatter,
@@ -405,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_section_flags(g, note="of the samples; match the caches")
     add_f1_flag(g, note="of the samples")
     g.add_argument("--one_frame", action="store_true", help="samples use one-frame inference (prompt --of options)")
+    add_debug_flag(p)
     return p
 
 

@@ -41,6 +41,7 @@ from training.rng import preserved_rng
 from training.timesteps import fixed_timestep_input, loss_weighting, noisy_model_input_and_timesteps, show_timesteps
 from training.tracking import LossRecorder, init_trackers, logging_directory, resolve_trackers, step_logs
 from training.validation import Validator, load_datasets
+from utils.cli import entry_point
 from utils.distributed import cpu_only_group, launched_processes, process_group_backend
 
 logger = logging.getLogger(__name__)
@@ -603,6 +604,7 @@ class Trainer:
         logger.info("training finished")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)

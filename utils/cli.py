@@ -1,13 +1,91 @@
-"""Shared argparse pieces of the entry scripts."""
+"""What every entry script shares: the argparse pieces and the one path by which errors reach the user.
+
+A mistake in what the user gave (a flag, a file, a prompt line) is a `UserError`: the script prints it as a single
+`error: <message>` line and exits with status 2, without a traceback. Ctrl-C prints `interrupted` and exits with 130.
+Any other exception is a bug and keeps its traceback. `--debug` (or FPACK_DEBUG=1 in the environment) shows the
+traceback of user errors and interruptions too.
+"""
+
+from __future__ import annotations
 
 import argparse
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "FPACK_DEBUG"
+
+
+class UserError(Exception):
+    """Base class of every error that reports a mistake in the user's input: printed as one line, exit status 2."""
+
+
+class UsageError(UserError, ValueError):
+    """A flag value, or a combination of flags, that cannot work."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every flag's help shows its default; descriptions and epilogs keep their line breaks."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors (unknown flag, bad value, `parser.error(...)`) are one `error:` line and exit
+    status 2 like every other input error, instead of argparse's usage block."""
+
+    def error(self, message: str):
+        report_error(f"{message} (run {self.prog} --help for the flags)")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"on an input error or Ctrl-C also print the Python traceback (same as {DEBUG_ENV}=1 in the environment)",
+    )
+
+
 def check_positive(flag: str, value, allow_zero: bool = False) -> None:
-    """Raise ValueError naming `flag` unless `value` is None or > 0 (>= 0 with `allow_zero`)."""
+    """Raise UsageError naming `flag` unless `value` is None or > 0 (>= 0 with `allow_zero`)."""
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise ValueError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def one_line(message: object) -> str:
+    """A message on a single line: its line breaks become '; '."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def report_error(error: object) -> None:
+    print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+
+
+def debug_requested(argv: Sequence[str] | None) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in args
+
+
+def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a script's `main(argv) -> exit status`: a UserError becomes one `error:` line and SystemExit(2), Ctrl-C
+    becomes `interrupted` and SystemExit(130); the exit status of a normal return is passed through."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except UserError as e:
+            if debug_requested(argv):
+                traceback.print_exc()
+            report_error(e)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            if debug_requested(argv):
+                traceback.print_exc()
+            print("interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+
+    return run

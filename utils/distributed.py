@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 import torch
 
+from utils.cli import EXIT_BAD_INPUT, UserError, report_error
 from utils.device import resolve_device
 
 T = TypeVar("T")
@@ -103,7 +104,7 @@ class Processes:
         media files of several datasets), so the split stays balanced across the datasets."""
         return [index for index in range(count) if (first + index) % self.count == self.rank]
 
-    def run_share(self, work: Callable[[], T], errors: tuple[type[Exception], ...]) -> list[T]:
+    def run_share(self, work: Callable[[], T], errors: tuple[type[Exception], ...] = (UserError,)) -> list[T]:
         """Run this rank's `work` and return every rank's result in rank order. The ranks meet in one collective
         call whether their work failed or not, so a failing rank never leaves the others waiting; if any failed
         (with one of `errors`), every rank raises ShareFailed."""
@@ -147,14 +148,14 @@ def start_processes(timeout: timedelta | None = None) -> Processes:
     return Processes(state.process_index, state.num_processes, state.local_process_index)
 
 
-def run_in_processes(work: Callable[[Processes], None], errors: tuple[type[Exception], ...]) -> int:
-    """Exit status of a script's `work` run in this process: 0, or 1 after an error of `errors` is logged without a
-    traceback. An error of one process's share is reported once, by the main process, for every process."""
+def run_in_processes(work: Callable[[Processes], None]) -> int:
+    """Exit status of a script's `work` run in this process: 0, or EXIT_BAD_INPUT after a user error is printed as
+    one `error:` line. An error of one process's share is reported once, by the main process, for every process."""
     processes = start_processes()
     try:
         work(processes)
-    except (*errors, ShareFailed) as e:
+    except (UserError, ShareFailed) as e:
         if processes.is_main or not isinstance(e, ShareFailed):
-            logger.error(str(e))
-        return 1
+            report_error(e)
+        return EXIT_BAD_INPUT
     return 0

@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
+from utils.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 # `<prefix><index>-of-<count>.safetensors`, e.g. diffusion_pytorch_model-00001-of-00003.safetensors
@@ -44,7 +46,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class WeightFileError(ValueError):
+class WeightFileError(UserError, ValueError):
     """A weight file or folder that cannot be used for what it was given as."""
 
 
