@@ -231,8 +231,9 @@ def test_skip_done_after_a_kill_renders_exactly_the_unfinished_lines(models, ima
         return original_save_video(frames, path, fps, metadata)
 
     monkeypatch.setattr(G, "save_video", killed_on_the_third_video)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as interrupted:
         G.main(argv(models, out, "--from_file", prompts, "--output_type", "both"))
+    assert interrupted.value.code == 130
     assert len(files(out, "_.mp4")) == 2 and len(files(out, "_latent.safetensors")) == 3
     monkeypatch.setattr(G, "save_video", original_save_video)
 
