@@ -6,7 +6,9 @@ meta device and the file tensors are assigned as they are (file dtype kept), so 
 
 With fp8 or a per-weight transform (a LoRA merge), the checkpoint streams instead: each tensor is read from the
 memory-mapped file, transformed, quantized when it is an fp8 target, and written into its final place before the
-next one is read, so the process holds the fp8 model plus one tensor, never the bf16 model beside its fp8 copy.
+next one is read, so the process never holds the bf16 model beside its fp8 copy. An fp8 target is even read, merged
+and quantized a few rows at a time (its file pages handed back as each block is done), so beyond the fp8 model the
+process holds one block, not one whole tensor.
 `save_merged_dit` streams the same way from one checkpoint to another.
 """
 
@@ -14,12 +16,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from frame_pack.fp8 import FP8_DTYPE, Fp8Settings, fp8_target_modules, install_fp8_weight, quantize_weight
+from frame_pack.fp8 import (
+    FP8_DTYPE,
+    ChunkSource,
+    Fp8Settings,
+    block_rows,
+    fp8_target_modules,
+    install_fp8_weight,
+    quantize_chunks,
+)
 from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked, PackedDiTConfig
 from utils.checkpoint_kinds import state_dict_mismatch, wrong_file_message
 from utils.safetensors_utils import (
@@ -29,6 +39,7 @@ from utils.safetensors_utils import (
     load_state_dict,
     read_config_json,
     read_headers,
+    release_mapped_pages,
     resolve_weight_files,
     stream_tensors,
     write_safetensors_streaming,
@@ -68,8 +79,15 @@ def read_dit_config(path: str, flag: str = "--dit") -> tuple[list[str], PackedDi
     return files, config
 
 
-# A function of (state-dict key, tensor) returning the tensor to keep, e.g. `LoraMergePlan.merge_weight`.
-WeightTransform = Callable[[str, torch.Tensor], torch.Tensor]
+class WeightTransform(Protocol):
+    """A change to each weight made while it streams in, row by row (e.g. `networks.lora_merge.LoraMergePlan`)."""
+
+    def merge_weight(self, key: str, weight: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """The tensor to keep for state-dict `key`, given the whole tensor or its rows from `first_row` on; each
+        row of the result depends only on the same row of the input."""
+
+    def done(self, key: str) -> None:
+        """`key` is loaded: what the transform kept for it may go."""
 
 
 def dit_skeleton(path: str, flag: str = "--dit") -> HunyuanVideoTransformer3DModelPacked:
@@ -131,20 +149,46 @@ def _stream_state_dict(model, files, device, dtype, transform, fp8, flag) -> dic
             install_fp8_weight(module, state[key].to("meta"), None if scale is None else scale.to("meta"))
     quantize_on = device if fp8 is None or fp8.device is None else torch.device(fp8.device)
     for key, tensor in tqdm(stream_tensors(files, flag), total=len(state), desc="DiT", unit="tensor", leave=False):
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        if transform is not None:
-            tensor = transform(key, tensor)
         if key in targets:
-            _, scale = quantize_weight(tensor.to(quantize_on), fp8.scaled, out=state[key])
+            kept = dtype or tensor.dtype
+            blocks = _row_blocks(key, tensor, kept, quantize_on, transform)
+            _, scale = quantize_chunks(blocks, tensor.shape, kept, quantize_on, fp8.scaled, out=state[key])
             if scale is not None:
                 state[f"{targets[key][0]}.scale_weight"].copy_(scale)
         else:
-            state[key].copy_(tensor)
+            kept, start = state[key], 0
+            for block in _row_blocks(key, tensor, kept.dtype, kept.device, transform)():
+                kept.view(-1)[start : start + block.numel()].copy_(block)
+                start += block.numel()
+        if transform is not None:
+            transform.done(key)
         del tensor
     if targets:
         logger.info(f"fp8{' scaled' if fp8.scaled else ''}: {len(targets)} Linear weights stored as {FP8_DTYPE}")
     return state
+
+
+def _row_blocks(
+    key: str, weight: torch.Tensor, dtype: torch.dtype, device: torch.device, transform: WeightTransform | None
+) -> ChunkSource:
+    """The values of `weight` (a view of the mapped file) cast to `dtype` on `device` and transformed, `block_rows`
+    rows at a time, the file pages of each block handed back once it is used. The cast and the transform are
+    row by row, so the blocks hold the bits of the whole tensor cast and transformed."""
+
+    def blocks():
+        if weight.ndim == 0:
+            yield weight.to(device, dtype).reshape(-1)
+            return
+        rows = block_rows(weight.shape)
+        for start in range(0, weight.shape[0], rows):
+            stored = weight[start : start + rows]
+            block = stored.to(device, dtype)
+            if transform is not None:
+                block = transform.merge_weight(key, block, start)
+            yield block.reshape(-1)
+            release_mapped_pages(stored)
+
+    return blocks
 
 
 def save_merged_dit(path: str, weight_transform: WeightTransform, out_path: str, flag: str = "--dit") -> None:
@@ -154,8 +198,13 @@ def save_merged_dit(path: str, weight_transform: WeightTransform, out_path: str,
     """
     files, _ = read_dit_config(path, flag)
     layout = [(key, SAFETENSORS_DTYPES[info.dtype], info.shape) for _, key, info in data_order(files, flag)]
-    merged = ((key, weight_transform(key, tensor).to("cpu")) for key, tensor in stream_tensors(files, flag))
+
+    def merged():
+        for key, tensor in stream_tensors(files, flag):
+            yield key, weight_transform.merge_weight(key, tensor).to("cpu")
+            weight_transform.done(key)
+
     logger.info(f"saving merged DiT to {out_path}")
     write_safetensors_streaming(
-        out_path, layout, tqdm(merged, total=len(layout), desc="merged DiT", leave=False), metadata={"format": "pt"}
+        out_path, layout, tqdm(merged(), total=len(layout), desc="merged DiT", leave=False), metadata={"format": "pt"}
     )

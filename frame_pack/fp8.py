@@ -10,7 +10,9 @@ Either way the patched forward dequantizes to the activations' dtype: linear(x, 
 from __future__ import annotations
 
 import logging
+import math
 import types
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,38 +40,61 @@ def is_fp8_target(state_key: str) -> bool:
 # elementwise (and the max is exact), so the result does not depend on this value.
 QUANTIZE_CHUNK = 1 << 18
 
+# A weight's values as consecutive flat pieces in row-major order; called once per pass, so it must give the same
+# pieces every time. Pieces may be computed on the fly (a LoRA merge of a few rows), so no pass holds the weight.
+ChunkSource = Callable[[], Iterable[torch.Tensor]]
+
+
+def block_rows(shape: Sequence[int]) -> int:
+    """Rows of a weight of `shape` handled per step by the streaming merge and quantizer (about QUANTIZE_CHUNK
+    elements, at least one row)."""
+    return max(1, QUANTIZE_CHUNK // max(1, math.prod(shape[1:])))
+
+
+def quantize_chunks(
+    chunks: ChunkSource,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    scaled: bool,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantize the weight of `shape` and `dtype` whose values `chunks` gives: (W_fp8, scale) for `--fp8_scaled`
+    (one pass for max|W|, one for the cast), (W_fp8, None) for a plain `--fp8` cast (one pass).
+
+    `out` (float8_e4m3fn, the weight's shape, any device) receives W_fp8 when given, else it is allocated on
+    `device`. Every step is elementwise and the max is exact, so how the values are cut into chunks does not matter.
+    """
+    scale = None
+    if scaled:
+        amax = torch.zeros((), dtype=dtype, device=device)
+        for chunk in chunks():
+            if chunk.numel():
+                amax = torch.maximum(amax, chunk.abs().amax().to(device))
+        scale = (amax / FP8_MAX).clamp(min=torch.finfo(dtype).tiny).reshape(1)
+    out = torch.empty(shape, dtype=FP8_DTYPE, device=device) if out is None else out
+    flat_out, start = out.view(-1), 0
+    for chunk in chunks():
+        values = chunk.to(device) if scale is None else chunk.to(device) / scale
+        flat_out[start : start + chunk.numel()].copy_(values.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        start += chunk.numel()
+    return out, scale
+
 
 def quantize_per_tensor(weight: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """W -> (W_fp8, scale) with scale = max|W|/448 in W's dtype; saturating round-to-nearest-even cast.
 
     `out` (float8_e4m3fn, W's shape, any device) receives W_fp8 when given.
     """
-    flat = weight.reshape(-1)
-    chunks = flat.split(QUANTIZE_CHUNK)
-    amax = torch.stack([chunk.abs().amax() for chunk in chunks]).amax() if flat.numel() else flat.new_zeros(())
-    scale = (amax / FP8_MAX).clamp(min=torch.finfo(weight.dtype).tiny).reshape(1)
-    quantized = _cast_chunks(chunks, weight.shape, out, weight.device, lambda c: c / scale)
-    return quantized, scale.to(weight.dtype)
+    return quantize_weight(weight, True, out)
 
 
 def quantize_weight(
     weight: torch.Tensor, scaled: bool, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`--fp8_scaled`: (W_fp8, scale) as `quantize_per_tensor`; `--fp8`: (saturating plain cast, None)."""
-    if scaled:
-        return quantize_per_tensor(weight, out)
-    chunks = weight.reshape(-1).split(QUANTIZE_CHUNK)
-    return _cast_chunks(chunks, weight.shape, out, weight.device, lambda c: c), None
-
-
-def _cast_chunks(chunks, shape, out, device, prepare) -> torch.Tensor:
-    """Write clamp(prepare(chunk), ±448) cast to fp8 chunk by chunk into `out` (allocated on `device` if None)."""
-    out = torch.empty(shape, dtype=FP8_DTYPE, device=device) if out is None else out
-    flat_out, start = out.view(-1), 0
-    for chunk in chunks:
-        flat_out[start : start + chunk.numel()].copy_(prepare(chunk).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
-        start += chunk.numel()
-    return out
+    flat = weight.reshape(-1)
+    return quantize_chunks(lambda: flat.split(QUANTIZE_CHUNK), weight.shape, weight.dtype, weight.device, scaled, out)
 
 
 def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from frame_pack.fp8 import block_rows
 from utils.safetensors_utils import save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -98,16 +99,23 @@ def merged_weight(
     """W + multiplier * (up @ down) * scale, computed in float32 on `device` (default: W's device).
 
     The one merge formula of the project. The sum is rounded to `dtype` (default W's dtype) and returned in W's
-    dtype on `device`. It is computed in place in the product's buffer (float addition commutes, and upcasting W
-    to float32 is exact), so the temporaries are one float32 product and the result.
+    dtype on `device`. Each row depends only on its own rows of W and up, so it is computed in blocks of
+    `block_rows` rows, in place in the block's float32 product (float addition commutes, and upcasting W to float32
+    is exact): the temporaries are one block. The streaming loader merges the same blocks one at a time, which
+    gives the same bits.
     """
     if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise RuntimeError("LoRA weights must be merged before fp8 quantization of the DiT")
     check_lora_shapes(weight.shape, down, up)
     device = weight.device if device is None else torch.device(device)
-    merged = up.to(device, torch.float32) @ down.to(device, torch.float32)
-    merged.mul_(multiplier).mul_(scale).add_(weight.to(device))
-    return merged.to(dtype or weight.dtype).to(weight.dtype)
+    down = down.to(device, torch.float32)
+    result = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+    rows = block_rows(weight.shape)
+    for start in range(0, weight.shape[0], rows):
+        block = up[start : start + rows].to(device, torch.float32) @ down
+        block.mul_(multiplier).mul_(scale).add_(weight[start : start + rows].to(device))
+        result[start : start + rows] = block.to(dtype or weight.dtype).to(weight.dtype)
+    return result
 
 
 @torch.no_grad()

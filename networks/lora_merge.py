@@ -118,18 +118,24 @@ class LoraDelta:
 class LoraMergePlan:
     """The LoRA additions for each DiT weight (state-dict key -> deltas in file order), with one report per file.
 
-    Each weight's deltas are handed out once and then dropped, so the LoRA tensors leave memory as the merge
-    proceeds.
+    A weight's deltas are dropped once the loader says it is `done` with that weight, so the LoRA tensors leave
+    memory as the merge proceeds.
     """
 
     def __init__(self, deltas: dict[str, list[LoraDelta]], reports: list[LoraMergeReport], device, dtype):
         self.deltas, self.reports, self.device, self.dtype = deltas, reports, device, dtype
 
-    def merge_weight(self, key: str, weight: torch.Tensor) -> torch.Tensor:
-        """The per-tensor merge: `weight` (state-dict `key`) with its LoRA deltas added, or `weight` itself."""
-        for delta in self.deltas.pop(key, ()):
-            weight = merged_weight(weight, delta.down, delta.up, delta.scale, delta.multiplier, self.dtype, self.device)
+    def merge_weight(self, key: str, weight: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """`weight` (state-dict `key`, or its rows from `first_row` on) with its LoRA deltas added, or `weight`
+        itself. Rows are independent, so merging a weight block by block gives the bits of merging it whole."""
+        rows = slice(first_row, first_row + weight.shape[0]) if weight.ndim else slice(None)
+        for d in self.deltas.get(key, ()):
+            weight = merged_weight(weight, d.down, d.up[rows], d.scale, d.multiplier, self.dtype, self.device)
         return weight
+
+    def done(self, key: str) -> None:
+        """Drop the deltas of weight `key`: it is merged."""
+        self.deltas.pop(key, None)
 
     def merge_into(self, model: nn.Module) -> None:
         """Merge into a loaded model, each weight written back in its own dtype, device and storage."""
@@ -139,6 +145,7 @@ class LoraMergePlan:
                 if hasattr(module, "scale_weight"):
                     raise RuntimeError("LoRA weights must be merged before fp8 quantization of the DiT")
                 module.weight.data.copy_(self.merge_weight(key, module.weight.data))
+                self.done(key)
 
 
 def _plan_modules(linears: dict[str, nn.Linear], sd: dict, multiplier: float, deltas: dict) -> tuple[list, list]:

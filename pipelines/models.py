@@ -231,7 +231,7 @@ def load_dit(settings: ModelSettings, device: torch.device, lora_sets: list[Lora
         if quantized:
             apply_fp8(model, scaled=s.fp8_scaled, device=device, keep_on_device=s.blocks_to_swap == 0)
     else:
-        merge = plan_lora_merge(dit_skeleton(s.dit), *merge_args).merge_weight if s.lora_weight else None
+        merge = plan_lora_merge(dit_skeleton(s.dit), *merge_args) if s.lora_weight else None
         if s.save_merged_model:
             save_merged_dit(s.dit, merge, s.save_merged_model)
             logger.info(f"merged DiT saved to {s.save_merged_model}")

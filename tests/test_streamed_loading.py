@@ -17,6 +17,7 @@ from tests.test_dit import section_inputs
 from tests.test_lora import one_thread  # noqa: F401 (autouse fixture)
 from utils.safetensors_utils import (
     read_header,
+    release_mapped_pages,
     save_safetensors,
     stream_tensors,
     write_safetensors_streaming,
@@ -81,7 +82,7 @@ def test_lora_then_quantize_while_streaming_equals_merge_then_quantize(tiny_dit_
 
     plan = plan_lora_merge(dit_skeleton(tiny_dit_files["sharded"]), loras, multipliers)
     assert len(plan.deltas) > 0 and [r.multiplier for r in plan.reports] == multipliers
-    streamed = load_packed_model(tiny_dit_files["sharded"], weight_transform=plan.merge_weight, fp8=Fp8Settings())
+    streamed = load_packed_model(tiny_dit_files["sharded"], weight_transform=plan, fp8=Fp8Settings())
     assert plan.deltas == {}  # every delta was used, and released
     assert_same_state(merged, streamed)
 
@@ -95,7 +96,7 @@ def test_streamed_bf16_merge_equals_the_whole_model_merge_and_its_formula(tiny_d
     merged = load_packed_model(tiny_dit_files["single"])
     merge_lora_files(merged, loras[:1], 0.5)
     plan = plan_lora_merge(dit_skeleton(tiny_dit_files["single"]), loras[:1], 0.5)
-    streamed = load_packed_model(tiny_dit_files["single"], weight_transform=plan.merge_weight)
+    streamed = load_packed_model(tiny_dit_files["single"], weight_transform=plan)
     assert_same_state(merged, streamed)
 
     # independent statement of the merge: W + m * (up @ down) * alpha / rank in float32, rounded to bf16
@@ -119,7 +120,7 @@ def test_lora_of_another_model_size_is_refused_before_the_dit_is_read(tiny_dit_f
 def test_save_merged_dit_streams_the_merged_weights_into_a_loadable_file(tiny_dit_files, loras, tmp_path):
     out = tmp_path / "merged" / "dit.safetensors"
     plan = plan_lora_merge(dit_skeleton(tiny_dit_files["sharded"]), loras, [0.3, 0.9])
-    save_merged_dit(tiny_dit_files["sharded"], plan.merge_weight, str(out))
+    save_merged_dit(tiny_dit_files["sharded"], plan, str(out))
     assert os.listdir(out.parent) == ["dit.safetensors"]  # no temporary left behind
     assert read_header(out)[1] == {"format": "pt"}
     merged = load_packed_model(tiny_dit_files["sharded"])
@@ -179,3 +180,32 @@ def test_chunked_quantizer_does_not_depend_on_the_chunk_size(monkeypatch):
     scale = (w.abs().max() / 448).reshape(1)
     assert torch.equal(whole_scale, scale)
     assert torch.equal(bits(whole_q), bits((w / scale).clamp(-448, 448).to(FP8_DTYPE)))
+
+
+def test_merging_and_quantizing_a_few_rows_at_a_time_gives_the_bits_of_whole_tensors(
+    tiny_dit_files, loras, monkeypatch
+):
+    multipliers = [0.7, -0.4]
+    whole = load_packed_model(tiny_dit_files["single"])
+    merge_lora_files(whole, loras, multipliers)
+    apply_fp8(whole, scaled=True)
+    # blocks of one or two rows: each weight is read, merged and quantized in many pieces, its file pages handed
+    # back after the max pass and read again for the cast pass
+    monkeypatch.setattr(fp8_module, "QUANTIZE_CHUNK", 64)
+    assert fp8_module.block_rows((48, 32)) == 2 and fp8_module.block_rows((48, 96)) == 1
+    plan = plan_lora_merge(dit_skeleton(tiny_dit_files["single"]), loras, multipliers)
+    streamed = load_packed_model(tiny_dit_files["single"], weight_transform=plan, fp8=Fp8Settings())
+    assert_same_state(whole, streamed)
+
+
+def test_released_pages_of_a_streamed_tensor_read_back_the_same_and_other_tensors_are_untouched(tmp_path):
+    tensors = {"a": torch.arange(5000, dtype=torch.float32), "b": torch.full((3000,), 7.0)}
+    path = tmp_path / "t.safetensors"
+    save_safetensors(tensors, path)
+    for key, tensor in stream_tensors(str(path)):
+        before = tensor.clone()
+        release_mapped_pages(tensor[: tensor.numel() // 2])
+        assert torch.equal(tensor, before) and torch.equal(tensor, tensors[key])
+    kept = torch.arange(5000, dtype=torch.float32)
+    release_mapped_pages(kept)  # not a view of a streamed file: nothing happens
+    assert torch.equal(kept, tensors["a"])

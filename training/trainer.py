@@ -172,7 +172,7 @@ def load_dit(args: argparse.Namespace, device: torch.device):
         multipliers = args.base_weights_multiplier or []
         multipliers = [multipliers[i] if i < len(multipliers) else 1.0 for i in range(len(args.base_weights))]
         dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
-        merge = plan_lora_merge(skeleton, args.base_weights, multipliers, dtype=dtype).merge_weight
+        merge = plan_lora_merge(skeleton, args.base_weights, multipliers, dtype=dtype)
     fp8 = Fp8Settings(scaled=args.fp8_scaled) if args.fp8_base else None  # before the LoRA takes over the forwards
     dit = load_packed_model(
         args.dit, "cpu", attn_mode=mode, split_attn=args.split_attn, weight_transform=merge, fp8=fp8

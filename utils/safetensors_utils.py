@@ -177,12 +177,36 @@ def load_state_dict(
     return state
 
 
+# Mappings `stream_tensors` is reading: start address -> (mapping, length), for `release_mapped_pages`.
+_streamed_mappings: dict[int, tuple[mmap.mmap, int]] = {}
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Hand back the resident file pages under `tensor` (contiguous) when it is a view of a file `stream_tensors` is
+    reading, so a consumer can drop a large tensor block by block; a no-op for any other tensor. Reading the same
+    bytes again faults them back in from the file."""
+    if tensor.device.type != "cpu" or not tensor.numel() or not tensor.is_contiguous():
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    for base, (mapped, length) in _streamed_mappings.items():
+        if base <= start and end <= base + length:
+            _release_pages(mapped, start - base, end - base)
+            return
+
+
+# A read fault on a file mapping also maps the neighbouring cached pages of the same aligned window (Linux's
+# fault-around, 64 KiB by default), including pages before the bytes read that were already handed back.
+FAULT_AROUND_BYTES = 1 << 16
+
+
 def _release_pages(mapped: mmap.mmap, start: int, end: int) -> None:
-    """Drop the resident pages of [start, end) from this process. They stay in the page cache, and a later read of
-    the same bytes faults them in again from the file (private writes to them are discarded)."""
+    """Drop the resident pages of [start, end) from this process, from the start of its fault-around window on.
+    They stay in the page cache, and a later read of the same bytes faults them in again from the file (private
+    writes to them are discarded)."""
     if not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    first = start - start % mmap.PAGESIZE
+    first = start - start % max(FAULT_AROUND_BYTES, mmap.PAGESIZE)
     if end > first:
         mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
 
@@ -205,23 +229,33 @@ def stream_tensors(files: list[str] | str, flag: str | None = None) -> Iterator[
     copy-on-write: writing into a view never reaches the file, and is discarded once the view's pages are released.
     """
     mapped_path, mapped = None, None
-    for path, key, info in data_order(files, flag):
-        if path != mapped_path:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                mapped_path, mapped = path, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
-        start, end = info.data_range
-        dtype = SAFETENSORS_DTYPES[info.dtype]
-        if end == start:
-            tensor = torch.empty(info.shape, dtype=dtype)
-        else:
-            with warnings.catch_warnings():  # frombuffer warns that the tensor shares the (mmap) buffer
-                warnings.simplefilter("ignore")
-                raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
-            tensor = raw.view(dtype).reshape(info.shape)
-        yield key, tensor
-        del tensor
-        _release_pages(mapped, start, end)
+    try:
+        for path, key, info in data_order(files, flag):
+            if path != mapped_path:
+                _streamed_mappings.clear()
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    mapped_path = path
+                    mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+                if mapped is not None:
+                    _streamed_mappings[_mapped_view(mapped, 0, 1).data_ptr()] = (mapped, size)
+            start, end = info.data_range
+            dtype = SAFETENSORS_DTYPES[info.dtype]
+            if end == start:
+                tensor = torch.empty(info.shape, dtype=dtype)
+            else:
+                tensor = _mapped_view(mapped, start, end).view(dtype).reshape(info.shape)
+            yield key, tensor
+            del tensor
+            _release_pages(mapped, start, end)
+    finally:
+        _streamed_mappings.clear()
+
+
+def _mapped_view(mapped: mmap.mmap, start: int, end: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # frombuffer warns that the tensor shares the (mmap) buffer
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
 
 
 def _packed_header(header: dict) -> bytes:
