@@ -35,8 +35,8 @@ from frame_pack.timed_prompts import blend_schedule, blend_text_conditioning, is
 from hunyuan_model.frame_math import latent_size
 from hunyuan_model.latent_preview import preview_path, write_preview
 from networks.lora_switch import LoraSet, lora_set
-from pipelines.acceleration_args import compile_settings, step_cache_settings
 from pipelines.extend_input import ExtendSource, ExtendVideoError, frames_to_pixels, read_extend_source
+from pipelines.flags import compile_settings, step_cache_settings
 from pipelines.generate_args import apply_prompt_line, build_parser, parse_prompt_line, validate_args
 from pipelines.latent_file import latent_metadata, load_latent, save_latent
 from pipelines.models import ModelCache, dit_dtype, model_loras

@@ -17,19 +17,22 @@ from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
 from frame_pack.sections import total_sections
 from frame_pack.timed_prompts import TimedPromptError, is_timed_prompt, section_prompts
 from hunyuan_model.latent_preview import PREVIEW_FORMATS
-from pipelines.acceleration_args import add_compile_args, add_step_cache_args, compile_settings, step_cache_settings
 from pipelines.extend_input import check_extend_video
 from pipelines.flags import (
     add_blocks_to_swap_flag,
+    add_compile_args,
     add_device_flag,
     add_f1_flag,
     add_fp8_llm_flag,
     add_model_path,
     add_pinned_block_swap_flag,
     add_section_flags,
+    add_step_cache_args,
     add_tokenizer_flags,
     add_vae_dtype_flag,
     add_vae_memory_flags,
+    compile_settings,
+    step_cache_settings,
 )
 from pipelines.prompt_line import LineOption, PromptLineError, parse_line_options
 from pipelines.settings import GenerationSettings, ModelSettings

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from networks.lora_switch import LoraSet, LoraSwitcher, lora_set
-from pipelines.acceleration_args import compile_settings
-from pipelines.flags import VAE_DTYPE_CHOICES
+from pipelines.flags import VAE_DTYPE_CHOICES, compile_settings
 from pipelines.settings import ModelSettings
 from utils.device import clean_memory
 

@@ -15,17 +15,20 @@ import toml
 
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
 from hunyuan_model.latent_preview import PREVIEW_FORMATS
-from pipelines.acceleration_args import add_compile_args, add_step_cache_args, compile_settings, step_cache_settings
 from pipelines.flags import (
     add_blocks_to_swap_flag,
+    add_compile_args,
     add_f1_flag,
     add_fp8_llm_flag,
     add_model_path,
     add_pinned_block_swap_flag,
     add_section_flags,
+    add_step_cache_args,
     add_tokenizer_flags,
     add_vae_dtype_flag,
     add_vae_memory_flags,
+    compile_settings,
+    step_cache_settings,
 )
 from training.timesteps import DEFAULT_VALIDATION_TIMESTEPS, TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
 from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, check_positive

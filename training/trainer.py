@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from frame_pack.sections import CLEAN_2X_FRAMES, CLEAN_4X_FRAMES
-from pipelines.acceleration_args import compile_settings
+from pipelines.flags import compile_settings
 from training import checkpoints as C
 from training.args import ATTENTION_FLAGS, attention_mode, parse_args
 from training.data import build_dataloader
