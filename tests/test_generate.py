@@ -90,6 +90,7 @@ def test_same_seed_gives_bit_identical_latents_and_the_first_frame_is_the_start_
 
 
 def count_dit_calls(monkeypatch):
+    """Record the keyword arguments of every DiT forward call from now on (the returned list grows as it runs)."""
     calls = []
     original = HunyuanVideoTransformer3DModelPacked.forward
 
@@ -222,6 +223,11 @@ def test_prompt_line_grammar():
     ],
 )
 def test_bad_flags_fail_before_loading_with_the_flag_named(models, images, tmp_path, extra, message, capsys):
+    check_fails_before_loading(models, images, tmp_path, extra, message, capsys)
+
+
+def check_fails_before_loading(models, images, tmp_path, extra, message, capsys):
+    """A generation command line plus `extra` exits with status 2, names the problem, and writes nothing."""
     argv = [*models.flags(), "--image_path", images[0], "--prompt", "p", "--save_path", str(tmp_path), *extra]
     with pytest.raises(SystemExit) as e:
         G.main(argv)

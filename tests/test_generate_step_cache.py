@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from frame_pack.magcache import DEFAULT_MAG_RATIOS, magcache_schedule, parse_mag_ratios, resample_ratios
-from pipelines import generate as G
 from pipelines.latent_file import load_latent
 from tests import test_generate as TG
 from tests.test_generate import files, generate_latent_file, run
@@ -130,12 +129,7 @@ def test_teacache_threshold_from_a_prompt_line(models, images, tmp_path, log):
     ],
 )
 def test_bad_cache_and_compile_flags_fail_before_loading(models, images, tmp_path, extra, message, capsys):
-    argv = [*models.flags(), "--image_path", images[0], "--prompt", "p", "--save_path", str(tmp_path), *extra]
-    with pytest.raises(SystemExit) as e:
-        G.main(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    TG.check_fails_before_loading(models, images, tmp_path, extra, message, capsys)
 
 
 def test_compile_on_the_cpu_gives_the_uncompiled_latent_within_bf16_tolerance(models, images, tmp_path, monkeypatch):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from frame_pack.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked
 from pipelines import generate as G
 from pipelines.generate_args import build_parser
 from pipelines.models import ModelCache
 from pipelines.settings import GenerationSettings, ModelSettings
 from tests.factory.models import write_all_models
+from tests.test_generate import count_dit_calls
 
 H, W = 32, 48
 LWS = 9
@@ -47,20 +47,8 @@ def make_args(models, paths, out, *extra):
     return GenerationSettings.from_args(args), ModelSettings.from_args(args)
 
 
-def capture_calls(monkeypatch):
-    calls = []
-    original = HunyuanVideoTransformer3DModelPacked.forward
-
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(HunyuanVideoTransformer3DModelPacked, "forward", spy)
-    return calls
-
-
 def one_call(models, paths, out, monkeypatch, *extra):
-    calls = capture_calls(monkeypatch)
+    calls = count_dit_calls(monkeypatch)
     settings, model_settings = make_args(models, paths, out, "--output_type", "latent_images", *extra)
     cpu = torch.device("cpu")
     assert G.run_one(settings, ModelCache(model_settings, cpu, keep=False), cpu)
