@@ -89,14 +89,21 @@ def check_each_block_runs_on_waited_uploads(model, transfers, resident_limits):
     return runs
 
 
-def test_pinned_block_swap_forward_is_exact_and_waits_for_each_upload():
-    config = tiny_dit_config(num_layers=4, num_single_layers=5)
-    model = fp32_model(config).requires_grad_(False)
+def pinned_swap_model(num_layers: int, num_single_layers: int, swap_double: int, swap_single: int):
+    """A frozen fp32 tiny DiT given pinned block swap on stand-in transfers, with its section inputs and the output
+    it gave before the swap was attached: (model, inputs, expected output, transfers)."""
+    model = fp32_model(tiny_dit_config(num_layers=num_layers, num_single_layers=num_single_layers))
+    model.requires_grad_(False)
     kw = section_inputs(dtype=torch.float32)
     with torch.no_grad():
         expected = model(**kw)
     transfers = StandInTransfers()
-    model.block_swap = pinned_swap(model, 2, 3, transfers)
+    model.block_swap = pinned_swap(model, swap_double, swap_single, transfers)
+    return model, kw, expected, transfers
+
+
+def test_pinned_block_swap_forward_is_exact_and_waits_for_each_upload():
+    model, kw, expected, transfers = pinned_swap_model(4, 5, 2, 3)
     runs = check_each_block_runs_on_waited_uploads(model, transfers, (4 - 2, 5 - 3))
     model.block_swap.move_model(model, "cpu")
     with torch.no_grad():
@@ -145,13 +152,7 @@ def test_pinned_block_swap_refuses_trainable_weights_and_needs_cuda():
 
 
 def test_offloading_a_block_swapped_model_reuses_the_pinned_copies_and_it_comes_back_exact():
-    config = tiny_dit_config(num_layers=4, num_single_layers=4)
-    model = fp32_model(config).requires_grad_(False)
-    kw = section_inputs(dtype=torch.float32)
-    with torch.no_grad():
-        expected = model(**kw)
-    transfers = StandInTransfers()
-    model.block_swap = pinned_swap(model, 2, 2, transfers)
+    model, kw, expected, transfers = pinned_swap_model(4, 4, 2, 2)
     model.move_to_device_except_swap_blocks("cpu")
     with torch.no_grad():
         model(**kw)

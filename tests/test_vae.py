@@ -49,6 +49,17 @@ def vae() -> AutoencoderKLCausal3D:
     return make_tiny_vae()
 
 
+def encode_and_decode(vae, x, latents, tile: int | None = None, chunk: int | None = None):
+    """(encode_moments(x), decode(latents)) with spatial tiling and conv chunking set for this call only."""
+    vae.set_spatial_tiling(tile)
+    vae.set_chunk_size(chunk)
+    try:
+        return vae.encode_moments(x), vae.decode(latents)
+    finally:
+        vae.set_spatial_tiling(None)
+        vae.set_chunk_size(None)
+
+
 # --- architecture -------------------------------------------------------------------------------------------------
 
 
@@ -165,13 +176,10 @@ def test_chunk_partition_is_the_reference_one(kernel, stride, chunk):
 def test_chunked_conv_equals_unchunked(vae, chunk):
     x = pixels(5, 32, 48)
     latents = vae.encode(x, gen())
-    moments, decoded = vae.encode_moments(x), vae.decode(latents)
-    vae.set_chunk_size(chunk)
-    try:
-        torch.testing.assert_close(vae.encode_moments(x), moments, atol=1e-6, rtol=0)
-        torch.testing.assert_close(vae.decode(latents), decoded, atol=1e-6, rtol=0)
-    finally:
-        vae.set_chunk_size(None)
+    moments, decoded = encode_and_decode(vae, x, latents)
+    chunked_moments, chunked_decoded = encode_and_decode(vae, x, latents, chunk=chunk)
+    torch.testing.assert_close(chunked_moments, moments, atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked_decoded, decoded, atol=1e-6, rtol=0)
 
 
 def reference_tiled(x, run, in_tile: int, out_tile: int) -> torch.Tensor:
@@ -203,11 +211,7 @@ def reference_tiled(x, run, in_tile: int, out_tile: int) -> torch.Tensor:
 def test_tiling_follows_the_reference_assembly_exactly(vae):
     x = pixels(5, 40, 56)
     latents = vae.encode(x, gen())
-    vae.set_spatial_tiling(32)
-    try:
-        tiled_moments, tiled_decoded = vae.encode_moments(x), vae.decode(latents)
-    finally:
-        vae.set_spatial_tiling(None)
+    tiled_moments, tiled_decoded = encode_and_decode(vae, x, latents, tile=32)
     expected_moments = reference_tiled(x, lambda t: vae.quant_conv(vae.encoder(t)), 32, 4)
     expected_decoded = reference_tiled(latents / SCALING_FACTOR, lambda t: vae.decoder(vae.post_quant_conv(t)), 4, 32)
     assert tiled_moments.shape == (1, 32, 2, 5, 7) and tiled_decoded.shape == x.shape
@@ -218,12 +222,8 @@ def test_tiling_follows_the_reference_assembly_exactly(vae):
 def test_tiled_is_close_to_untiled(vae):
     x = pixels(1, 96, 96)
     latents = vae.encode(x, gen())
-    full_moments, full_decoded = vae.encode_moments(x), vae.decode(latents)
-    vae.set_spatial_tiling(64)
-    try:
-        tiled_moments, tiled_decoded = vae.encode_moments(x), vae.decode(latents)
-    finally:
-        vae.set_spatial_tiling(None)
+    full_moments, full_decoded = encode_and_decode(vae, x, latents)
+    tiled_moments, tiled_decoded = encode_and_decode(vae, x, latents, tile=64)
     for tiled, full in ((tiled_moments[:, :16], full_moments[:, :16]), (tiled_decoded, full_decoded)):
         assert tiled.shape == full.shape
         assert F.cosine_similarity(tiled.flatten(), full.flatten(), dim=0) >= 0.95
@@ -233,13 +233,10 @@ def test_tiled_is_close_to_untiled(vae):
 def test_tiling_only_starts_above_the_tile_size(vae):
     x = pixels(1, 64, 64)
     latents = vae.encode(x, gen())
-    expected_moments, expected = vae.encode_moments(x), vae.decode(latents)
-    vae.set_spatial_tiling(64)
-    try:
-        assert torch.equal(vae.encode_moments(x), expected_moments)
-        assert torch.equal(vae.decode(latents), expected)
-    finally:
-        vae.set_spatial_tiling(None)
+    expected_moments, expected = encode_and_decode(vae, x, latents)
+    tiled_moments, tiled = encode_and_decode(vae, x, latents, tile=64)
+    assert torch.equal(tiled_moments, expected_moments)
+    assert torch.equal(tiled, expected)
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
