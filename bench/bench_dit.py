@@ -17,7 +17,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from common import child_or_main, peak_mib, print_ratios, run_variants  # noqa: E402
+import common  # noqa: E402
 
 
 def run_one(cfg: dict) -> dict:
@@ -73,21 +73,15 @@ def run_one(cfg: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = peak_mib(device.type == "cuda")
+    peak = common.peak_mib(device.type == "cuda")
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     return {"seconds": min(times), "peak_mib": peak, "weights_mib": weights}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=int, default=256, help="DiT inner width, a multiple of 128 (full model: 3072)")
-    p.add_argument("--double", type=int, default=2, help="double-stream blocks (full: 20)")
-    p.add_argument("--single", type=int, default=4, help="single-stream blocks (full: 40)")
-    p.add_argument("--text_dim", type=int, default=4096, help="LLaMA feature width (full: 4096)")
-    p.add_argument("--text_tokens", type=int, default=64, help="valid prompt tokens")
-    p.add_argument("--height", type=int, default=256, help="video height in pixels")
-    p.add_argument("--width_px", type=int, default=256, help="video width in pixels")
-    p.add_argument("--lws", type=int, default=9, help="latent window size")
+    common.add_dit_size_flags(p, text_dim=4096)
+    common.add_section_size_flags(p, height=256, width=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
@@ -118,14 +112,16 @@ def main() -> None:
         )
         for name, extra in variants
     ]
-    results = run_variants(__file__, configs)
+    results = common.run_variants(__file__, configs)
     tokens = (args.height // 16) * (args.width_px // 16) * args.lws
     print(
         f"DiT forward: width {args.width}, {args.double}+{args.single} blocks, {args.height}x{args.width_px}, "
         f"{tokens} noisy tokens, device {args.device}"
     )
-    print_ratios(results, [("seconds", "", " s"), ("peak_mib", "peak ", " MiB"), ("weights_mib", "weights ", " MiB")])
+    common.print_ratios(
+        results, [("seconds", "", " s"), ("peak_mib", "peak ", " MiB"), ("weights_mib", "weights ", " MiB")]
+    )
 
 
 if __name__ == "__main__":
-    child_or_main(run_one, main)
+    common.child_or_main(run_one, main)

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
+from common import add_section_size_flags  # noqa: E402
 from section import block_count, make_section, psnr, relative_error, sample  # noqa: E402
 
 from frame_pack.compile import CompileSettings, check_compile_available, compile_blocks  # noqa: E402
@@ -44,11 +45,8 @@ def main() -> None:
     p.add_argument("--double", type=int, default=8, help="double-stream blocks (mid: 8)")
     p.add_argument("--single", type=int, default=16, help="single-stream blocks (mid: 16)")
     p.add_argument("--full", action="store_true", help="the real 3072-wide 20+40-block DiT instead")
-    p.add_argument("--height", type=int, default=64, help="video height in pixels")
-    p.add_argument("--width_px", type=int, default=64, help="video width in pixels")
-    p.add_argument("--lws", type=int, default=9, help="latent window size")
+    add_section_size_flags(p, height=64, width=64)
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--text_tokens", type=int, default=64, help="valid prompt tokens")
     p.add_argument("--image_tokens", type=int, default=64, help="SigLIP tokens (the real encoder gives 729)")
     p.add_argument("--f1", action="store_true", help="an F1 section instead of an inverted one")
     p.add_argument("--device", default="cpu")

@@ -23,7 +23,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from common import child_or_main, peak_mib, print_ratios, run_variants  # noqa: E402
+import common  # noqa: E402
 
 
 def write_inputs(cfg: dict, folder: str) -> tuple[str, str]:
@@ -110,22 +110,16 @@ def run_one(cfg: dict) -> dict:
         main(argv)
         (log,) = glob.glob(os.path.join(out, "logs", "*", "metrics.jsonl"))
         times = [r["time/step_seconds"] for r in map(json.loads, open(log)) if "time/step_seconds" in r]
-    peak = peak_mib(torch.cuda.is_available())
+    peak = common.peak_mib(torch.cuda.is_available())
     return {"seconds": statistics.median(times[1:] or times), "peak_mib": peak}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=int, default=256, help="DiT inner width, a multiple of 128 (full model: 3072)")
-    p.add_argument("--double", type=int, default=2, help="double-stream blocks (full: 20)")
-    p.add_argument("--single", type=int, default=4, help="single-stream blocks (full: 40)")
-    p.add_argument("--text_dim", type=int, default=512, help="LLaMA feature width (full: 4096)")
+    common.add_dit_size_flags(p, text_dim=512)
     p.add_argument("--pooled_dim", type=int, default=768, help="CLIP pooled width (full: 768)")
     p.add_argument("--image_dim", type=int, default=1152, help="SigLIP width (full: 1152)")
-    p.add_argument("--text_tokens", type=int, default=64, help="valid prompt tokens")
-    p.add_argument("--height", type=int, default=128, help="frame height in pixels")
-    p.add_argument("--width_px", type=int, default=128, help="frame width in pixels")
-    p.add_argument("--lws", type=int, default=9, help="latent window size (latent frames per section)")
+    common.add_section_size_flags(p, height=128, width=128)
     p.add_argument("--batch", type=int, default=1, help="batch size (batch > 1 adds --split_attn)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--steps", type=int, default=4, help="training steps per variant (the first is warm-up)")
@@ -143,14 +137,14 @@ def main() -> None:
     if args.blocks_to_swap:
         variants.append((f"block swap {args.blocks_to_swap}", ["--blocks_to_swap", str(args.blocks_to_swap)]))
     env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
-    results = run_variants(__file__, [(name, {**base, "extra": extra}) for name, extra in variants], env)
+    results = common.run_variants(__file__, [(name, {**base, "extra": extra}) for name, extra in variants], env)
     tokens = (args.height // 16) * (args.width_px // 16) * args.lws
     print(
         f"LoRA training step: width {args.width}, {args.double}+{args.single} blocks, {args.height}x{args.width_px}, "
         f"{tokens} noisy tokens, batch {args.batch}, rank {args.rank}"
     )
-    print_ratios(results, [("seconds", "", " s/step"), ("peak_mib", "peak ", " MiB")])
+    common.print_ratios(results, [("seconds", "", " s/step"), ("peak_mib", "peak ", " MiB")])
 
 
 if __name__ == "__main__":
-    child_or_main(run_one, main)
+    common.child_or_main(run_one, main)

@@ -50,3 +50,19 @@ def print_ratios(results: list[tuple[str, dict]], columns: list[tuple[str, str, 
     for name, r in results:
         cells = [f"{label}{r[key]:9.3f}{unit} ({r[key] / first[key]:.2f}x)" for key, label, unit in columns]
         print(f"  {name:{width}s} " + "   ".join(cells))
+
+
+def add_dit_size_flags(parser, text_dim: int) -> None:
+    """`--width`, `--double`, `--single`, `--text_dim`: the size of a random DiT (defaults: a small one)."""
+    parser.add_argument("--width", type=int, default=256, help="DiT inner width, a multiple of 128 (full model: 3072)")
+    parser.add_argument("--double", type=int, default=2, help="double-stream blocks (full: 20)")
+    parser.add_argument("--single", type=int, default=4, help="single-stream blocks (full: 40)")
+    parser.add_argument("--text_dim", type=int, default=text_dim, help="LLaMA feature width (full: 4096)")
+
+
+def add_section_size_flags(parser, height: int, width: int) -> None:
+    """`--height`, `--width_px`, `--lws`, `--text_tokens`: the size of one section's inputs."""
+    parser.add_argument("--height", type=int, default=height, help="video height in pixels")
+    parser.add_argument("--width_px", type=int, default=width, help="video width in pixels")
+    parser.add_argument("--lws", type=int, default=9, help="latent window size (latent frames per section)")
+    parser.add_argument("--text_tokens", type=int, default=64, help="valid prompt tokens")
