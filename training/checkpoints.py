@@ -72,6 +72,42 @@ def removable_step(step: int, every: int | None, keep: int | None) -> int | None
     return old if old > 0 else None
 
 
+@dataclass(frozen=True)
+class SavePlan:
+    """One periodic save: its name, and the older LoRA and state saves that fall out of their keep windows."""
+
+    name: str
+    old_lora: str | None
+    old_state: str | None
+
+
+def step_save_plan(
+    output_name: str, step: int, every: int | None, keep: int | None, keep_states: int | None
+) -> SavePlan:
+    """The save at `step` (every `--save_every_n_steps`), keeping the LoRAs of the last `keep` steps
+    (`--save_last_n_steps`) and the states of the last `keep_states` steps (`--save_last_n_steps_state`, default:
+    `keep`)."""
+    return _save_plan(step_name, removable_step, output_name, step, every, keep, keep_states)
+
+
+def epoch_save_plan(
+    output_name: str, epoch: int, every: int | None, keep: int | None, keep_states: int | None
+) -> SavePlan:
+    """The save at `epoch` (every `--save_every_n_epochs`), keeping the last `keep` epoch LoRAs
+    (`--save_last_n_epochs`) and the last `keep_states` epoch states (`--save_last_n_epochs_state`, default:
+    `keep`)."""
+    return _save_plan(epoch_name, removable_epoch, output_name, epoch, every, keep, keep_states)
+
+
+def _save_plan(name_of, removable, output_name: str, number: int, every, keep, keep_states) -> SavePlan:
+    old, old_state = removable(number, every, keep), removable(number, every, keep_states or keep)
+    return SavePlan(
+        name_of(output_name, number),
+        None if old is None else name_of(output_name, old),
+        None if old_state is None else name_of(output_name, old_state),
+    )
+
+
 # ---- metadata ------------------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ one. In several processes only the main process samples and saves, and each proc
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import math
@@ -438,46 +437,32 @@ class Trainer:
         acc.wait_for_everyone()
         self.optimizer_info.train()
 
-    def _save_and_prune(self, name: str, old_name, old: int | None, old_state: int | None, global_step, epoch, state):
-        """Save the LoRA (and state) under `name`, then drop the save(s) that fell out of the keep window."""
+    def _save_and_prune(self, plan: C.SavePlan, global_step: int, epoch: int, state: C.TrainerState) -> None:
+        """Save the LoRA (and state) under `plan.name`, then drop the save(s) that fell out of the keep window."""
         saver = self.saver
-        saver.save_lora(name, global_step, epoch)
+        saver.save_lora(plan.name, global_step, epoch)
         if self.args.save_state:
-            saver.save_state(name, state)
-        if old is not None:
-            saver.remove_lora(old_name(old))
-        if self.args.save_state and old_state is not None:
-            saver.remove_state(old_name(old_state))
+            saver.save_state(plan.name, state)
+        if plan.old_lora is not None:
+            saver.remove_lora(plan.old_lora)
+        if self.args.save_state and plan.old_state is not None:
+            saver.remove_state(plan.old_state)
 
     def save_at_step(self, global_step: int, epoch0: int, state: C.TrainerState) -> None:
-        args = self.args
-        name = functools.partial(C.step_name, args.output_name)
-        keep_states = args.save_last_n_steps_state or args.save_last_n_steps
-        self.optimizer_info.eval()
-        self._save_and_prune(
-            name(global_step),
-            name,
-            C.removable_step(global_step, args.save_every_n_steps, args.save_last_n_steps),
-            C.removable_step(global_step, args.save_every_n_steps, keep_states),
-            global_step,
-            epoch0,
-            state,
+        a = self.args
+        plan = C.step_save_plan(
+            a.output_name, global_step, a.save_every_n_steps, a.save_last_n_steps, a.save_last_n_steps_state
         )
+        self.optimizer_info.eval()
+        self._save_and_prune(plan, global_step, epoch0, state)
         self.optimizer_info.train()
 
     def save_at_epoch(self, epoch: int, global_step: int, state: C.TrainerState) -> None:
-        args = self.args
-        name = functools.partial(C.epoch_name, args.output_name)
-        keep_states = args.save_last_n_epochs_state or args.save_last_n_epochs
-        self._save_and_prune(
-            name(epoch),
-            name,
-            C.removable_epoch(epoch, args.save_every_n_epochs, args.save_last_n_epochs),
-            C.removable_epoch(epoch, args.save_every_n_epochs, keep_states),
-            global_step,
-            epoch,
-            state,
+        a = self.args
+        plan = C.epoch_save_plan(
+            a.output_name, epoch, a.save_every_n_epochs, a.save_last_n_epochs, a.save_last_n_epochs_state
         )
+        self._save_and_prune(plan, global_step, epoch, state)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
