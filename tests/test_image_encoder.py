@@ -28,11 +28,7 @@ def image():
 
 def test_config_from_shapes(encoder):
     c = encoder.config
-    assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size) == (
-        dims.SIGLIP_HIDDEN,
-        dims.SIGLIP_LAYERS,
-        dims.SIGLIP_INTERMEDIATE,
-    )
+    assert dims.config_sizes(c) == (dims.SIGLIP_HIDDEN, dims.SIGLIP_LAYERS, dims.SIGLIP_INTERMEDIATE)
     assert (c.num_attention_heads, c.image_size, c.patch_size) == (1, 384, 14)
     assert (c.hidden_act, c.layer_norm_eps, c.vision_use_head) == ("gelu_pytorch_tanh", 1e-6, True)
 

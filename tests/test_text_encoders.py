@@ -175,11 +175,7 @@ def test_missing_local_tokenizer_folder_is_refused(tmp_path):
 
 def test_llama_config_from_shapes(llama):
     c = llama.config
-    assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size) == (
-        dims.LLAMA_HIDDEN,
-        dims.LLAMA_LAYERS,
-        dims.LLAMA_INTERMEDIATE,
-    )
+    assert dims.config_sizes(c) == (dims.LLAMA_HIDDEN, dims.LLAMA_LAYERS, dims.LLAMA_INTERMEDIATE)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (1, dims.LLAMA_KV_HEADS, 128)
     assert (c.vocab_size, c.max_position_embeddings, c.rms_norm_eps) == (LLAMA_VOCAB, 8192, 1e-5)
     assert c.rope_parameters["rope_theta"] == 500000.0

@@ -24,3 +24,8 @@ DIT_REFINER_BLOCKS = 2
 
 VAE_BLOCK_OUT_CHANNELS = (32, 32, 64, 64)
 VAE_LAYERS_PER_BLOCK = 1
+
+
+def config_sizes(config) -> tuple[int, int, int]:
+    """(hidden, layers, intermediate) of a loaded encoder's transformers config, to compare with the sizes above."""
+    return config.hidden_size, config.num_hidden_layers, config.intermediate_size
