@@ -15,15 +15,15 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import toml
-
 from dataset.frames import FRAME_EXTRACTION_MODES
 from utils.cli import UserError
+from utils.toml_file import TomlFileError, read_toml
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ def _positive_float(value: Any) -> float:
     if not isinstance(value, float):
         hint = f" (write {value}.0)" if _is_int(value) else ""
         raise _Invalid(f"a float, got {_type_name(value)} {value!r}{hint}")
-    if not value > 0:
-        raise _Invalid(f"a float > 0, got {value}")
+    if not 0 < value < math.inf:
+        raise _Invalid(f"a finite float > 0, got {value}")
     return value
 
 
@@ -210,13 +210,16 @@ def load_user_config(path: str) -> dict:
     lower = str(path).lower()
     try:
         if lower.endswith(".toml"):
-            return toml.load(path)
+            return read_toml(path)
         if lower.endswith(".json"):
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
-    except (toml.TomlDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        logger.error(f"cannot parse dataset config {path}")
-        raise DatasetConfigError(f"cannot parse: {e}", file=str(path)) from e
+    except TomlFileError as e:
+        raise DatasetConfigError(f"cannot parse: {e.reason}", file=str(path)) from None
+    except RecursionError:
+        raise DatasetConfigError("cannot parse: arrays or objects nested too deeply", file=str(path)) from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise DatasetConfigError(f"cannot parse: {e}", file=str(path)) from None
     raise DatasetConfigError("not supported config file format (use .toml or .json)", file=str(path))
 
 

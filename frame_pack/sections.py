@@ -33,6 +33,7 @@ from hunyuan_model.frame_math import (
     pixel_frames,
     sections_in_latent,
 )
+from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,32 @@ HISTORY_FRAMES = CLEAN_1X_FRAMES + CLEAN_2X_FRAMES + CLEAN_4X_FRAMES  # 19
 START_FRAMES = 1  # the start image's latent frame
 DEFAULT_PADDING_FULL_RANGE = 4  # up to this many sections the default paddings are N-1, ..., 0
 SECTION_SEPARATOR = ";;;"
-SECTION_SPEC_RE = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")  # N, -N, S-E, S--E
-SECTION_SPEC_LIKE_RE = re.compile(r"^[\d\s-]*\d[\d\s-]*$")  # digits/dashes only: meant as a spec, not text
+# The most sections a video can have (20 minutes at lws 9 and 30 fps). Section indices (-MAX_SECTIONS ..
+# MAX_SECTIONS - 1), ranges, latent paddings and one-frame indices beyond it are typos, refused by the parsers before
+# anything is allocated; the caller checks indices against the run's real section count.
+MAX_SECTIONS = 1000
+MAX_ONE_FRAME_INDEX = 1000  # largest one-frame target/control RoPE index (the documented methods use 0 .. 40)
+MAX_DIGITS = len(str(max(MAX_SECTIONS, MAX_ONE_FRAME_INDEX)))  # longer numbers are refused without converting them
+SECTION_SPEC_RE = re.compile(r"^(-?[0-9]+)(?:-(-?[0-9]+))?$")  # N, -N, S-E, S--E
+SECTION_SPEC_LIKE_RE = re.compile(r"^[0-9\s-]*[0-9][0-9\s-]*$")  # digits/dashes only: meant as a spec, not text
+
+
+class SectionSpecError(UsageError):
+    """A section spec (``0:a;;;1-2:b``), ``--latent_paddings`` or one-frame option that cannot be used; the message
+    names the text at fault."""
+
+
+def _bounded_int(text: str, what: str, minimum: int, maximum: int = MAX_SECTIONS) -> int:
+    """``text`` (ASCII digits, optional sign) as an integer in [minimum, maximum]; SectionSpecError naming ``what``
+    otherwise. The length is checked before converting, so a 20-digit typo costs nothing."""
+    text = text.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not (digits.isascii() and digits.isdecimal()):
+        raise SectionSpecError(f"{what}: {text!r} is not an integer")
+    if len(digits.lstrip("0")) > MAX_DIGITS or not minimum <= int(text) <= maximum:
+        shown = text if len(text) <= 24 else text[:20] + "..."
+        raise SectionSpecError(f"{what}: must be >= {minimum} and <= {maximum}, got {shown}")
+    return int(text)
 
 
 # ------------------------------------------------------------------------------------------------ frame counts
@@ -111,19 +136,16 @@ def default_latent_paddings(sections: int) -> list[int]:
 
 
 def parse_latent_paddings(text: str | None) -> list[int] | None:
-    """``--latent_paddings "3,2,1,0"`` -> [3, 2, 1, 0]; None stays None. Paddings must be integers >= 0."""
+    """``--latent_paddings "3,2,1,0"`` -> [3, 2, 1, 0]; None stays None. Paddings are integers 0 .. MAX_SECTIONS,
+    at most MAX_SECTIONS of them (SectionSpecError otherwise)."""
     if text is None:
         return None
-    paddings = []
-    for token in text.split(","):
-        try:
-            value = int(token.strip())
-        except ValueError:
-            raise ValueError(f"--latent_paddings: {token.strip()!r} is not an integer") from None
-        if value < 0:
-            raise ValueError(f"--latent_paddings: padding must be >= 0, got {value}")
-        paddings.append(value)
-    return paddings
+    tokens = text.split(",")
+    if len(tokens) > MAX_SECTIONS:
+        raise SectionSpecError(
+            f"--latent_paddings: {len(tokens)} values, more than the {MAX_SECTIONS} sections allowed"
+        )
+    return [_bounded_int(token, "--latent_paddings", 0) for token in tokens]
 
 
 def resolve_latent_paddings(sections: int, user_paddings: Sequence[int] | None = None) -> list[int]:
@@ -385,18 +407,16 @@ class OneFrameOptions:
     control_indices: tuple[int, ...] = ()
 
 
-def _parse_int(token: str, text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError(f"one-frame option {token!r}: {text.strip()!r} is not an integer") from None
+ONE_FRAME_FLAGS = ("no_2x", "no_4x", "no_post")
+ONE_FRAME_VALUES = ("target_index", "control_index")
+ONE_FRAME_TOKENS = ("default", *ONE_FRAME_FLAGS, *(f"{key}=N" for key in ONE_FRAME_VALUES))
 
 
 def parse_one_frame_options(text: str) -> OneFrameOptions:
     """Parse ``"no_2x,no_4x,target_index=1,control_index=0;10"``; order is irrelevant, duplicates merge.
 
-    ``default`` does nothing; an unknown token is warned about and ignored; a bad integer raises ValueError naming
-    the token; two different values for the same key raise ValueError.
+    ``default`` does nothing. Indices are integers 0 .. MAX_ONE_FRAME_INDEX. An unknown token, a bad or negative
+    index, or two different values for the same key raise SectionSpecError naming the token.
     """
     flags: set[str] = set()
     values: dict[str, Any] = {}
@@ -405,18 +425,19 @@ def parse_one_frame_options(text: str) -> OneFrameOptions:
         if not token or token == "default":
             continue
         key, sep, value = (part.strip() for part in token.partition("="))
-        if not sep and key in ("no_2x", "no_4x", "no_post"):
+        if not sep and key in ONE_FRAME_FLAGS:
             flags.add(key)
             continue
-        if sep and key == "target_index":
-            parsed: Any = _parse_int(token, value)
-        elif sep and key == "control_index":
-            parsed = tuple(_parse_int(token, v) for v in value.split(";"))
-        else:
-            logger.warning("unknown one-frame option %r ignored", token)
-            continue
+        if not sep or key not in ONE_FRAME_VALUES:
+            raise SectionSpecError(f"unknown one-frame option {token!r} (known: {', '.join(ONE_FRAME_TOKENS)})")
+        what = f"one-frame option {token!r}"
+        parsed: Any = tuple(_bounded_int(v, what, 0, MAX_ONE_FRAME_INDEX) for v in value.split(";"))
+        if key == "target_index":
+            if len(parsed) != 1:
+                raise SectionSpecError(f"{what}: give one index")
+            parsed = parsed[0]
         if key in values and values[key] != parsed:
-            raise ValueError(f"one-frame option {key} given twice with different values")
+            raise SectionSpecError(f"one-frame option {key} given twice with different values")
         values[key] = parsed
     return OneFrameOptions(
         no_2x="no_2x" in flags,
@@ -482,48 +503,67 @@ def one_frame_clean_latents(
 # ------------------------------------------------------------------------------------------------ section specs
 
 
-def _parse_section_part(part: str) -> tuple[list[int], str]:
+def _parse_section_part(part: str) -> tuple[range, str]:
     """One ``SPEC:text`` part -> (indices, text). A prefix that is not a spec keeps the whole part as text."""
     if ":" not in part:
-        return [0], part.strip()
+        return range(1), part.strip()
     spec, text = (s.strip() for s in part.split(":", 1))
     if not spec:
-        return [0], text
+        return range(1), text
     match = SECTION_SPEC_RE.match(spec)
     if match is None:
         if SECTION_SPEC_LIKE_RE.match(spec):
-            raise ValueError(f"bad section spec {spec!r}: use N, -N or S-E (e.g. 0, -1, 0-2)")
-        return [0], part.strip()  # e.g. a Windows path "C:\\images\\a.png" or "Note: ..."
-    start = int(match.group(1))
-    end = start if match.group(2) is None else int(match.group(2))
+            raise SectionSpecError(f"bad section spec {spec!r}: use N, -N or S-E (e.g. 0, -1, 0-2)")
+        return range(1), part.strip()  # e.g. a Windows path "C:\\images\\a.png" or "Note: ..."
+    what = f"section spec {spec!r}"
+    start = _bounded_int(match.group(1), what, -MAX_SECTIONS, MAX_SECTIONS - 1)
+    end = start if match.group(2) is None else _bounded_int(match.group(2), what, -MAX_SECTIONS, MAX_SECTIONS - 1)
     if end < start:
-        raise ValueError(f"bad section spec {spec!r}: range end {end} is before start {start}")
-    return list(range(start, end + 1)), text
+        raise SectionSpecError(f"bad section spec {spec!r}: range end {end} is before start {start}")
+    return range(start, end + 1), text
 
 
 def parse_section_spec(text: str) -> dict[int, str]:
     """Section syntax of ``--prompt`` / ``--image_path``: ``"0:a;;;1-2:b;;;-1:c"`` -> {0: a, 1: b, 2: b, -1: c}.
 
-    Split on ``;;;`` only if present (otherwise the whole string is section 0, colons included). Later parts win
-    for the same index; empty parts are skipped. Without index 0, index 0 copies the smallest non-negative index,
-    or the most negative one if all are negative.
+    Split on ``;;;`` only if present (otherwise the whole string is section 0, colons included). Empty parts are
+    skipped. Indices lie in -MAX_SECTIONS .. MAX_SECTIONS - 1; an index given twice (also through overlapping
+    ranges, or a part without index next to ``0:``) raises SectionSpecError naming it. Without index 0, index 0
+    copies the smallest non-negative index, or the most negative one if all are negative.
     """
     if SECTION_SEPARATOR not in text:
         return {0: text}
     entries: dict[int, str] = {}
+    written: dict[int, str] = {}  # index -> the part that set it, for the error message
     for part in text.split(SECTION_SEPARATOR):
         if not part.strip():
             continue
         indices, value = _parse_section_part(part)
         for index in indices:
-            entries[index] = value
+            if index in entries:
+                raise SectionSpecError(
+                    f"section {index} is given twice in {text!r} (by {written[index].strip()!r} and "
+                    f"{part.strip()!r}); give each section once"
+                )
+            entries[index], written[index] = value, part
     if not entries:
-        raise ValueError(f"no sections in {text!r}")
+        raise SectionSpecError(f"no sections in {text!r}")
     if 0 not in entries:
         keys = list(entries)
         non_negative = [i for i in keys if i >= 0]
         entries[0] = entries[min(non_negative) if non_negative else min(keys)]
     return entries
+
+
+def check_section_indices(entries: Mapping[int, Any], sections: int, what: str) -> None:
+    """Every index of a parsed section spec names a section of this run (0 .. sections-1 or -sections .. -1);
+    SectionSpecError naming ``what`` (the flag) and the first index that does not."""
+    unused = sorted(i for i in entries if not -sections <= i < sections)
+    if unused:
+        raise SectionSpecError(
+            f"{what}: section {unused[0]} is beyond the video's {sections} section(s) "
+            f"(indices 0 .. {sections - 1} and -{sections} .. -1)"
+        )
 
 
 def select_section_key(entries: Mapping[int, Any], section_index: int, section_index_from_last: int) -> int:

@@ -27,14 +27,21 @@ from fractions import Fraction
 
 import torch
 
-from frame_pack.sections import SECTION_SEPARATOR, parse_section_spec, section_start_seconds, select_section_key
+from frame_pack.sections import (
+    SECTION_SEPARATOR,
+    check_section_indices,
+    parse_section_spec,
+    section_start_seconds,
+    select_section_key,
+)
 from utils.cli import UserError
 
 BRACKET_RE = re.compile(r"\[[^\[\]]*\]?")  # a bracket group; an unclosed one runs to the next "[" or the end
 TIMED_HINT_RE = re.compile(r"\[\s*[-+\d.]")  # "[" followed by a (signed) number: the prompt means to use timed tokens
-_TIME = r"(\d+(?:\.\d+)?)\s*s"
+_TIME = r"([0-9]+(?:\.[0-9]+)?)\s*s"
 TOKEN_RE = re.compile(rf"^\[\s*{_TIME}\s*(?:-\s*{_TIME}\s*)?:(.*)\]$", re.DOTALL)
 TOKEN_FORM = "[Ts: text] or [As-Bs: text], times in seconds such as 0s, 2s, 3.5s"
+MAX_TIME_CHARS = 32  # longer than any float repr (digits and point): a typo, refused before it is converted
 
 
 class TimedPromptError(UserError, ValueError):
@@ -100,6 +107,9 @@ def parse_timed_prompt(text: str) -> TimedPrompt:
         parsed = TOKEN_RE.match(written)
         if parsed is None:
             raise TimedPromptError(f"timed prompt token {written!r} is malformed: expected {TOKEN_FORM}")
+        for time in parsed.group(1, 2):
+            if time is not None and len(time) > MAX_TIME_CHARS:
+                raise TimedPromptError(f"timed prompt token {written!r}: time {time[:MAX_TIME_CHARS]}... is too long")
         start, end, body = _seconds(parsed.group(1)), parsed.group(2), parsed.group(3).strip()
         if not body:
             raise TimedPromptError(f"timed prompt token {written!r} has no text")
@@ -157,10 +167,12 @@ def timed_section_prompts(text: str, sections: int, latent_window_size: int, fps
 
 def section_prompts(text: str, sections: int, latent_window_size: int, fps: int) -> list[str]:
     """The prompt of each section in time order, for either syntax: timed tokens, or ``0:a;;;-1:b`` (an index
-    names a section from the start, a negative index from the end; unnamed sections use index 0's prompt)."""
+    names a section from the start, a negative index from the end; unnamed sections use index 0's prompt; an index
+    beyond the video's sections raises SectionSpecError)."""
     if is_timed_prompt(text):
         return timed_section_prompts(text, sections, latent_window_size, fps)
     entries = parse_section_spec(text)
+    check_section_indices(entries, sections, "prompt")
     return [entries[select_section_key(entries, k, k - sections)] for k in range(sections)]
 
 

@@ -5,6 +5,7 @@ error policy: generation refuses a line with a bad option, training logs the opt
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from utils.cli import UserError
 logger = logging.getLogger(__name__)
 
 OPTION_SEPARATOR = " --"
+LEADING_OPTION_RE = re.compile(r"^--(\w+)")  # a line that starts with an option has no prompt text before it
 
 
 class PromptLineError(UserError, ValueError):
@@ -35,7 +37,14 @@ def parse_line_options(
     """-> (prompt text, {option name: converted value}).
 
     An unknown option, a missing value or one that does not convert raises `PromptLineError` when `strict`;
-    otherwise it is logged and ignored. `ignore_case` matches option names in any case (`--W` is `--w`)."""
+    otherwise it is logged and ignored. `ignore_case` matches option names in any case (`--W` is `--w`).
+    A line that starts with an option (`--d 14 a cat`) always raises `PromptLineError`: the prompt text comes first.
+    """
+    leading = LEADING_OPTION_RE.match(line.lstrip())
+    if leading:
+        raise PromptLineError(
+            f"the line starts with the option --{leading.group(1)}: write the prompt text first, then the options"
+        )
     parts = line.split(OPTION_SEPARATOR)
     values: dict[str, Any] = {}
     for part in parts[1:]:

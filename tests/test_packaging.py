@@ -10,7 +10,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import toml
 import torch
 from packaging.requirements import Requirement
 from PIL import Image
@@ -18,6 +17,7 @@ from PIL import Image
 from pipelines import generate as G
 from pipelines.latent_file import load_latent
 from tests.factory.models import write_all_models
+from utils.toml_file import read_toml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("frame_pack", "pipelines", "hunyuan_model", "networks", "dataset", "training", "utils")
@@ -35,7 +35,7 @@ BUILD_IGNORE = shutil.ignore_patterns(
 
 
 def pyproject() -> dict:
-    return toml.load(os.path.join(ROOT, "pyproject.toml"))
+    return read_toml(os.path.join(ROOT, "pyproject.toml"))
 
 
 def pins(name: str) -> dict[str, str]:

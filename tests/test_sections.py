@@ -1,5 +1,3 @@
-import logging
-
 import pytest
 import torch
 
@@ -274,14 +272,15 @@ def test_section_start_latent_and_dtype():
 # ------------------------------------------------------------------------------------------------ one-frame
 
 
-def test_parse_one_frame_options(caplog):
+def test_parse_one_frame_options():
     assert parse_one_frame_options("default") == OneFrameOptions()
     opts = parse_one_frame_options(" no_2x , no_4x,no_post, target_index=1, control_index=0;10,no_2x")
     assert opts == OneFrameOptions(no_2x=True, no_4x=True, no_post=True, target_index=1, control_indices=(0, 10))
     assert parse_one_frame_options("target_index = 5").target_index == 5
-    with caplog.at_level(logging.WARNING, logger="frame_pack.sections"):
-        assert parse_one_frame_options("zero_post,no_4x") == OneFrameOptions(no_4x=True)
-    assert "zero_post" in caplog.text
+    with pytest.raises(ValueError, match="unknown one-frame option 'zero_post'"):
+        parse_one_frame_options("zero_post,no_4x")
+    with pytest.raises(ValueError, match=r"'target_index=-5'.*>= 0"):
+        parse_one_frame_options("target_index=-5")
     with pytest.raises(ValueError, match="target_index=x"):
         parse_one_frame_options("target_index=x")
     with pytest.raises(ValueError, match="control_index=0;a"):
@@ -334,7 +333,6 @@ def test_section_strings_basic():
     assert parse_section_spec("0-2:a;;;3:b") == {0: "a", 1: "a", 2: "a", 3: "b"}
     assert parse_section_spec("-3-1:x;;;") == {-3: "x", -2: "x", -1: "x", 0: "x", 1: "x"}
     assert parse_section_spec("-3--1:x;;;0:y") == {-3: "x", -2: "x", -1: "x", 0: "y"}
-    assert parse_section_spec("0:a;;;0:b") == {0: "b"}  # later parts win
     assert parse_section_spec("plain ;;;1:b") == {0: "plain", 1: "b"}
     assert parse_section_spec("0:a;;;") == {0: "a"}  # empty parts skipped
     assert parse_section_spec(":x;;;2:y") == {0: "x", 2: "y"}
@@ -359,6 +357,18 @@ def test_section_strings_bad_specs():
         parse_section_spec("1-2-3:a;;;0:b")
     with pytest.raises(ValueError):
         parse_section_spec(";;;")
+
+
+def test_section_strings_duplicates_and_huge_indices_are_refused():
+    with pytest.raises(ValueError, match=r"section 0 is given twice .*'0:a'.*'0:b'"):
+        parse_section_spec("0:a;;;0:b")
+    with pytest.raises(ValueError, match="section 2 is given twice"):
+        parse_section_spec("0-3:a;;;2:b")
+    with pytest.raises(ValueError, match=r"section spec '0-100000000'.*<= 999"):
+        parse_section_spec("0-100000000:a;;;1:b")
+    with pytest.raises(ValueError, match="section spec '99999999999999999999'"):
+        parse_section_spec("99999999999999999999:a;;;1:b")
+    assert parse_section_spec("-1000-999:a;;;") == dict.fromkeys(range(-1000, 1000), "a")
 
 
 def test_select_section_key():

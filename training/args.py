@@ -11,8 +11,6 @@ import logging
 import os
 import sys
 
-import toml
-
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
 from hunyuan_model.latent_preview import PREVIEW_FORMATS
 from pipelines.flags import (
@@ -32,6 +30,7 @@ from pipelines.flags import (
 )
 from training.timesteps import DEFAULT_VALIDATION_TIMESTEPS, TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
 from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, check_positive
+from utils.toml_file import read_toml
 
 logger = logging.getLogger(__name__)
 
@@ -419,8 +418,7 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> tuple[str, d
     if not os.path.exists(file):
         logger.error(f"--config_file {file}: file not found")
         sys.exit(1)
-    with open(file, encoding="utf-8") as f:
-        config = toml.load(f)
+    config = read_toml(file, "--config_file")
     values: dict = {}
 
     def flatten(table: dict) -> None:

@@ -32,6 +32,7 @@ from pipelines.prompt_line import LineOption, parse_line_options, read_prompt_fi
 from pipelines.settings import GenerationSettings, ModelSettings
 from training.rng import preserved_rng
 from utils.device import clean_memory
+from utils.toml_file import read_toml
 from utils.video_io import save_images, save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
@@ -104,10 +105,9 @@ def load_prompts(path: str) -> list[dict]:
     if path.endswith(".txt"):
         prompts: list = [line for _, line in read_prompt_file(path)]
     elif path.endswith(".toml"):
-        import toml
-
-        with open(path, encoding="utf-8") as f:
-            table = toml.load(f)["prompt"]
+        table = read_toml(path, "--sample_prompts").get("prompt")
+        if not isinstance(table, dict):
+            raise ValueError(f"--sample_prompts {path}: needs a [prompt] table")
         shared = {k: v for k, v in table.items() if k != "subset"}
         prompts = [{**shared, **subset} for subset in table.get("subset", [])]
     elif path.endswith(".json"):

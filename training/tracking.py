@@ -11,6 +11,8 @@ import time
 
 from accelerate.tracking import GeneralTracker
 
+from utils.toml_file import read_toml
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKER_NAME = "network_train"
@@ -136,9 +138,7 @@ def init_trackers(accelerator, args: argparse.Namespace) -> None:
     if args.wandb_run_name:
         init_kwargs["wandb"] = {"name": args.wandb_run_name}
     if args.log_tracker_config is not None:
-        import toml
-
-        init_kwargs = toml.load(args.log_tracker_config)
+        init_kwargs = read_toml(args.log_tracker_config, "--log_tracker_config")
     accelerator.init_trackers(
         args.log_tracker_name or DEFAULT_TRACKER_NAME,
         config=tracker_config(args) if args.log_config else None,

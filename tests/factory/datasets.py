@@ -8,13 +8,14 @@ after lossy encoding and resizing.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-import toml
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -196,6 +197,49 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_value(key)
+
+
+def _toml_value(value) -> str:
+    """A TOML value: booleans, integers, floats (inf, nan), strings, arrays and inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, str):  # JSON string escapes are TOML's, except DEL, which TOML wants escaped too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def toml_text(config: dict) -> str:
+    """A TOML document of ``config``: top-level values, then tables (``[name]``), then arrays of tables
+    (``[[name]]``, lists whose items are all tables); deeper tables are written inline."""
+    lines, tables, arrays = [], [], []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, table in tables:
+        lines += ["", f"[{_toml_key(key)}]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())]
+    for key, items in arrays:
+        for table in items:
+            lines += ["", f"[[{_toml_key(key)}]]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
+
+
 def write_config(
     path: Path, datasets: list[dict], general: dict | None = None, validation: list[dict] | None = None
 ) -> Path:
@@ -214,7 +258,7 @@ def write_config(
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     else:
-        path.write_text(toml.dumps(config), encoding="utf-8")
+        path.write_text(toml_text(config), encoding="utf-8")
     return path
 
 
