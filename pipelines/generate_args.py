@@ -168,13 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--latent_paddings",
         type=str,
         default=None,
-        help="comma-separated latent paddings per section, e.g. 0,0,0,0 (ignored with --f1)",
+        help="comma-separated latent paddings per section (integers 0 .. 1000), e.g. 0,0,0,0 (ignored with --f1)",
     )
     gen.add_argument(
         "--one_frame_inference",
         type=str,
         default=None,
-        help="one-frame mode options: no_2x,no_4x,no_post,target_index=N,control_index=A;B,default",
+        help="one-frame mode options: no_2x,no_4x,no_post,target_index=N,control_index=A;B,default (indices 0 .. "
+        "1000; any other option is an error)",
     )
     gen.add_argument(
         "--one_frame_auto_resize",
