@@ -2,9 +2,10 @@
 after a full bf16 load (what an implementation that quantizes a loaded model gets), measured in the same run.
 
 Every variant runs in a fresh subprocess and touches every byte of the resulting weights (as a forward would), then
-reports its peak resident set (ru_maxrss). Each variant also runs on a tiny DiT; the figure printed is
+reports how far its resident set peaked above where it stood before loading (VmHWM after a reset, so a transient
+peak of the imports does not hide part of the load). Each variant also runs on a tiny DiT; the figure printed is
 
-    (peak with the mid-size DiT - peak with the tiny DiT) / size of the mid-size bf16 file
+    (peak growth with the mid-size DiT - peak growth with the tiny DiT) / size of the mid-size bf16 file
 
 so the interpreter, torch and the code itself cancel out. "floor" is what the resulting weights themselves occupy
 (fp8 targets 1 byte, everything else 2 bytes; plus the LoRA file for LoRA runs): no loader can go below it.
@@ -28,7 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from common import child_or_main, peak_mib, run_variants  # noqa: E402
+from common import child_or_main, peak_rss_mib, reset_peak_rss, run_variants  # noqa: E402
 
 LORA_RANK = 8
 LORA_MULTIPLIER = 0.8
@@ -62,6 +63,7 @@ def run_one(cfg: dict) -> dict:
 
     torch.set_num_threads(1)
     dit, lora, out, mode = cfg["dit"], [cfg["lora"]], cfg["out"], cfg["mode"]
+    before = reset_peak_rss()
     if mode == "bf16":
         touch(load_packed_model(dit))
     elif mode == "fp8_stream":
@@ -86,7 +88,7 @@ def run_one(cfg: dict) -> dict:
         save_merged_model(model, out)
     if os.path.exists(out):
         os.remove(out)
-    return {"peak_mib": peak_mib(cuda=False)}
+    return {"peak_mib": peak_rss_mib() - before}
 
 
 def write_models(folder: str, heads: int) -> dict:

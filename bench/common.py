@@ -19,6 +19,24 @@ def peak_mib(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> float:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS), so
+    a transient peak of the imports before it does not count; returns the RSS now in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS since the last `reset_peak_rss` (VmHWM), in MiB."""
+    return _status_kib("VmHWM") / 1024
+
+
 def run_variants(script: str, configs: list[tuple[str, dict]], env: dict | None = None) -> list[tuple[str, dict]]:
     """Run `script --child <json cfg>` per variant; each child prints one JSON result as its last line."""
     results = []
