@@ -55,6 +55,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Every integer of a config (counts, frames, repeats, indices) is at most this, and a resolution side at most
+# MAX_RESOLUTION_SIDE: larger values are typos that would allocate lists or images of that size at caching or
+# training time.
+MAX_CONFIG_INTEGER = 100_000
+MAX_RESOLUTION_SIDE = 16_384
+
+
 def _int(minimum: int) -> Callable[[Any], int]:
     def check(value):
         if not _is_int(value):
@@ -62,6 +69,8 @@ def _int(minimum: int) -> Callable[[Any], int]:
             raise _Invalid(f"an integer, got {_type_name(value)} {value!r}{hint}")
         if value < minimum:
             raise _Invalid(f"an integer >= {minimum}, got {value}")
+        if value > MAX_CONFIG_INTEGER:
+            raise _Invalid(f"an integer <= {MAX_CONFIG_INTEGER}, got {value}")
         return value
 
     return check
@@ -91,18 +100,26 @@ def _str(value: Any) -> str:
 
 def _int_list(minimum: int) -> Callable[[Any], list[int]]:
     def check(value):
-        if not isinstance(value, list) or not value or not all(_is_int(v) and v >= minimum for v in value):
-            raise _Invalid(f"a non-empty array of integers >= {minimum}, got {_type_name(value)} {value!r}")
+        if not (
+            isinstance(value, list) and value and all(_is_int(v) and minimum <= v <= MAX_CONFIG_INTEGER for v in value)
+        ):
+            raise _Invalid(
+                f"a non-empty array of integers >= {minimum} and <= {MAX_CONFIG_INTEGER}, got {_type_name(value)} "
+                f"{value!r}"
+            )
         return list(value)
 
     return check
 
 
 def _resolution(value: Any) -> tuple[int, int]:
-    """An integer N (meaning N×N) or [W, H]; each side at least one bucket step."""
+    """An integer N (meaning N×N) or [W, H]; each side at least one bucket step, at most MAX_RESOLUTION_SIDE."""
     sides = [value, value] if _is_int(value) else value
-    if not (isinstance(sides, list) and len(sides) == 2 and all(_is_int(v) and v >= 16 for v in sides)):
-        raise _Invalid(f"an integer >= 16 or an array [width, height] of two such integers, got {value!r}")
+    in_range = isinstance(sides, list) and all(_is_int(v) and 16 <= v <= MAX_RESOLUTION_SIDE for v in sides)
+    if not (in_range and len(sides) == 2):
+        raise _Invalid(
+            f"an integer 16 .. {MAX_RESOLUTION_SIDE} or an array [width, height] of two such integers, got {value!r}"
+        )
     return (sides[0], sides[1])
 
 

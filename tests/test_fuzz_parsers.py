@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from dataset.config import (
     GENERAL_KEYS,
     IMAGE_KEYS,
+    MAX_CONFIG_INTEGER,
+    MAX_RESOLUTION_SIDE,
     VIDEO_KEYS,
     DatasetConfigError,
     load_dataset_params,
@@ -386,7 +388,9 @@ def test_dataset_config_loader_only_raises_its_error(config, suffix, data):
     except DatasetConfigError as e:
         assert os.path.basename(e.file or "").startswith("config")
         return
-    assert params and all(p.batch_size >= 1 and p.resolution[0] >= 16 for p in params)
+    assert params and all(1 <= p.batch_size <= MAX_CONFIG_INTEGER for p in params)
+    assert all(16 <= side <= MAX_RESOLUTION_SIDE for p in params for side in p.resolution)
+    assert all(1 <= p.num_repeats <= MAX_CONFIG_INTEGER for p in params)
     for p in params:
         assert getattr(p, "source_fps", None) is None or math.isfinite(p.source_fps)
 
@@ -445,3 +449,19 @@ def test_dataset_config_damage_is_reported_naming_the_file(text, suffix, message
     with pytest.raises(DatasetConfigError, match=message) as info:
         _load_text(text, suffix)
     assert info.value.file.endswith("config" + suffix)
+
+
+@pytest.mark.parametrize(
+    ("entry", "key"),
+    [
+        ({"image_directory": "i", "num_repeats": 10**18}, "num_repeats"),
+        ({"video_directory": "v", "target_frames": [25, 10**9]}, "target_frames"),
+        ({"video_directory": "v", "frame_sample": 2**62}, "frame_sample"),
+        ({"image_directory": "i", "resolution": [10**6, 16]}, "resolution"),
+        ({"image_directory": "i", "fp_1f_clean_indices": [0, 10**12]}, "fp_1f_clean_indices"),
+    ],
+)
+def test_dataset_config_counts_are_bounded(entry, key):
+    with pytest.raises(DatasetConfigError, match=r"<= |\.\. ") as info:
+        _load_text(toml_text({"datasets": [entry]}), ".toml")
+    assert info.value.key == key
