@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -29,7 +30,7 @@ from networks.lora_convert import (
     load_lora_file,
 )
 from networks.lora_inspect import format_report, inspect_lora_file
-from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, entry_point
+from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, check_output_file, entry_point
 from utils.safetensors_utils import save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{', '.join(missing)} required (or use --inspect FILE)")
     if args.fold_alpha and args.no_fold_alpha:
         parser.error("--fold_alpha and --no_fold_alpha contradict each other")
+    for flag in ("inspect", "input"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{flag} {path}: {'is a folder, not a LoRA file' if os.path.isdir(path) else 'not found'}")
+    if args.inspect is None:
+        check_output_file("--output", args.output)
+        if os.path.abspath(args.output) == os.path.abspath(args.input):
+            parser.error(f"--output {args.output}: is the --input file; write the conversion to another file")
     return args
 
 
@@ -104,8 +113,8 @@ def convert(
     fold_alpha: bool = True,
     dtype: torch.dtype | None = None,
 ) -> None:
-    state_dict, metadata = load_lora_file(input_path)
-    converted = convert_to_framepack(state_dict, metadata, source=input_path)
+    state_dict, metadata = load_lora_file(input_path, "--input")
+    converted = convert_to_framepack(state_dict, metadata, source=f"--input {input_path}")
     if converted.unrecognized:
         logger.warning(
             f"{len(converted.unrecognized)} keys could not be converted and are left out: "

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from utils.cli import UserError, check_positive
+from utils.cli import UserError, check_output_folder, check_positive, one_line
 from utils.safetensors_utils import (
     SAFETENSORS_DTYPES,
     TensorInfo,
     WeightFileError,
     deterministic_safetensors,
     read_header,
+    remove_leftover_temporary_files,
     write_atomically,
 )
 
@@ -34,6 +35,23 @@ HEADER_ERRORS = (WeightFileError, ValueError, KeyError, TypeError, AttributeErro
 
 class CachingError(UserError, ValueError):
     """Bad input for a caching run (flags, dataset kinds, clip lengths); the message says what to change."""
+
+
+class CacheFileError(UserError, ValueError):
+    """A cache file found at training time that is unreadable or was made with other settings."""
+
+
+RECACHE_HINT = "re-cache it: run the caching script again with --skip_existing (it redoes only incomplete files)"
+
+
+def check_cache_header(path: str) -> dict:
+    """The header (name -> TensorInfo) of a cache file; a CacheFileError naming the file if it is unreadable."""
+    try:
+        return read_header(path)[0]
+    except HEADER_ERRORS as e:
+        raise CacheFileError(
+            f"{path}: damaged cache file ({one_line(e).removeprefix(path + ': ')}); {RECACHE_HINT}"
+        ) from None
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -69,6 +87,26 @@ def check_common_arguments(args: argparse.Namespace) -> None:
             check_positive(f"--{flag}", getattr(args, flag))
         except ValueError as e:
             raise CachingError(str(e)) from None
+
+
+def check_dataset_folders(datasets: list, config: str) -> None:
+    """Before any model loads: every dataset lists at least one media file, and its cache directory is a folder
+    that exists or can be created, and is writable."""
+    for dataset in datasets:
+        source = dataset.datasource
+        if len(source) == 0:
+            raise CachingError(f"{config}: {dataset.params.label}: {source.origin} holds no {source.kind}s to cache")
+        try:
+            check_output_folder("cache_directory", dataset.cache_directory)
+        except UserError as e:
+            raise CachingError(f"{config}: {dataset.params.label}: {e}") from None
+
+
+def remove_interrupted_writes(datasets: list) -> None:
+    """Delete the temporary files a killed caching run left in the cache directories (`*.safetensors.tmp<pid>`)."""
+    for dataset in datasets:
+        if os.path.isdir(dataset.cache_directory):
+            remove_leftover_temporary_files(dataset.cache_directory)
 
 
 def resolve_num_workers(num_workers: int | None) -> int:

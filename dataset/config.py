@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from dataset.buckets import RESOLUTION_STEP, BucketSelector
 from dataset.frames import FRAME_EXTRACTION_MODES
 from utils.cli import UserError
 from utils.toml_file import TomlFileError, read_toml
@@ -354,6 +355,7 @@ def resolve_dataset_params(config: dict, namespace: Any = None, file: str | None
                 params.label,
                 "cache_directory",
             )
+        check_bucket_step(params, file)
         if klass is VideoDatasetParams and params.frame_extraction == "chunk" and 1 in params.target_frames:
             logger.warning(f"{params.label}: 'chunk' with target_frames 1 makes an item of every single frame")
         resolved.append(params)
@@ -371,6 +373,33 @@ def resolve_dataset_params(config: dict, namespace: Any = None, file: str | None
             )
         seen[directory] = params
     return resolved
+
+
+def check_bucket_step(params: DatasetParams, file: str | None) -> None:
+    """`resolution` sides that are not multiples of the 16-pixel bucket step. An image dataset without
+    enable_bucket resizes every image to exactly `resolution`, which the VAE cannot encode: an error. Otherwise
+    (video datasets always bucket, image datasets with enable_bucket) `resolution` only sets the bucket area, as
+    in musubi-tuner: a warning saying which bucket a frame of that very shape gets."""
+    width, height = params.resolution
+    if width % RESOLUTION_STEP == 0 and height % RESOLUTION_STEP == 0:
+        return
+    if isinstance(params, ImageDatasetParams) and not params.enable_bucket:
+        raise DatasetConfigError(
+            f"{width}x{height} is not a multiple of {RESOLUTION_STEP} (the bucket step); images are resized to it "
+            f"exactly without enable_bucket: use e.g. [{_step_multiple(width)}, {_step_multiple(height)}]",
+            file,
+            params.label,
+            "resolution",
+        )
+    bucket = BucketSelector((width, height)).get_bucket_resolution((width, height))
+    logger.warning(
+        f"{params.label}: resolution {width}x{height} is not a multiple of {RESOLUTION_STEP}; it sets only the bucket "
+        f"area ({width * height} pixels): a {width}x{height} frame is cached as {bucket[0]}x{bucket[1]}"
+    )
+
+
+def _step_multiple(side: int) -> int:
+    return max(RESOLUTION_STEP, round(side / RESOLUTION_STEP) * RESOLUTION_STEP)
 
 
 def effective_cache_directory(params: DatasetParams) -> str:

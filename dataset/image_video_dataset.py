@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dataset import cache_paths
 from dataset.buckets import BucketSelector, resize_image_to_bucket
+from dataset.caching import RECACHE_HINT, CacheFileError, check_cache_header
 from dataset.config import (
     BaseDatasetParams,
     DatasetParams,
@@ -46,6 +48,7 @@ from dataset.datasource import (
 )
 from dataset.frames import TARGET_FPS, frame_crops, round_target_frames
 from dataset.media import load_video
+from utils.cli import UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +124,20 @@ def batch_content_key(tensor_key: str) -> str:
     return key
 
 
+def read_cache_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CacheFileError(f"{path}: unreadable cache file ({one_line(e)}); {RECACHE_HINT}") from None
+
+
 def load_batch(items: list[ItemInfo]) -> dict[str, Any]:
     """Latent and text caches of one batch, merged, grouped by `batch_content_key` and stacked on dim 0; the latent
     cache files under `latent_cache_paths` (which items the batch holds)."""
     grouped: dict[str, list[torch.Tensor]] = {}
     varlen: set[str] = set()
     for item in items:
-        tensors = {**load_file(item.latent_cache_path), **load_file(item.text_encoder_output_cache_path)}
+        tensors = {**read_cache_file(item.latent_cache_path), **read_cache_file(item.text_encoder_output_cache_path)}
         for key, tensor in tensors.items():
             content_key = batch_content_key(key.removeprefix("varlen_"))
             if key.startswith("varlen_"):
@@ -276,6 +286,7 @@ class BaseDataset(torch.utils.data.Dataset):
             if not os.path.exists(text_path):
                 logger.warning(f"text encoder output cache not found, skipping {path}: {text_path}")
                 continue
+            self.check_cache_files(path, text_path)
             key = self._training_bucket_key(name)
             item = ItemInfo(
                 name.item_key,
@@ -291,6 +302,23 @@ class BaseDataset(torch.utils.data.Dataset):
         self._set_buckets(buckets)
         self.batch_manager.show_bucket_info()
 
+    def check_cache_files(self, latent_path: str, text_path: str) -> None:
+        """Both cache files of an item open, and a video section holds as many latent frames as this dataset's
+        fp_latent_window_size (training on caches of another window size would be silently wrong)."""
+        infos = check_cache_header(latent_path)
+        check_cache_header(text_path)
+        if not self.is_video:
+            return
+        targets = [
+            info for key, info in infos.items() if key.startswith("latents_") and not key.startswith("latents_clean")
+        ]
+        if targets and len(targets[0].shape) == 4 and targets[0].shape[1] != self.fp_latent_window_size:
+            raise CacheFileError(
+                f"{latent_path}: cached with fp_latent_window_size {targets[0].shape[1]}, but {self.params.label} of "
+                f"the dataset config sets {self.fp_latent_window_size}: re-cache the dataset with "
+                f"fpack_cache_latents.py, or set fp_latent_window_size = {targets[0].shape[1]}"
+            )
+
     def _set_buckets(self, buckets: dict[tuple, list[ItemInfo]]) -> None:
         self.batch_manager = BucketBatchManager(buckets, self.batch_size)
         self._arrangements = {}
@@ -305,7 +333,7 @@ class BaseDataset(torch.utils.data.Dataset):
         keys = sorted({item.item_key for items in buckets.values() for item in items})
         count = max(1, round(len(keys) * fraction))
         if count >= len(keys):
-            raise ValueError(
+            raise UsageError(
                 f"--validation_split {fraction}: {self.params.label} has {len(keys)} item(s), too few to hold out "
                 f"{count} and train on the rest"
             )

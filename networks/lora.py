@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frame_pack.fp8 import block_rows
-from utils.safetensors_utils import save_safetensors
+from utils.safetensors_utils import save_safetensors, temporary_path
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _compile_patterns(patterns: Sequence[str] | None, what: str) -> list[re.Patt
         try:
             compiled.append(re.compile(pattern))
         except re.error as e:
-            logger.error(f"invalid {what} pattern {pattern!r} ignored: {e}")
+            raise ValueError(f"network_args {what}_patterns: {pattern!r} is not a valid regex ({e})") from None
     return compiled
 
 
@@ -394,7 +394,7 @@ class LoRANetwork(nn.Module):
             metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state_dict, metadata)
             save_safetensors(state_dict, file, metadata)
         else:
-            tmp = f"{file}.tmp{os.getpid()}"
+            tmp = temporary_path(file)
             torch.save(state_dict, tmp)
             os.replace(tmp, file)
 

@@ -42,7 +42,7 @@ import torch
 from networks.lora import ALPHA_KEY, DOWN_KEY, LORA_PREFIX, UP_KEY
 from networks.lora_framepack import module_path
 from utils.checkpoint_kinds import identify_checkpoint
-from utils.cli import UserError
+from utils.cli import UserError, one_line
 from utils.safetensors_utils import load_state_dict, read_header, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -136,11 +136,21 @@ class ConvertedLora:
         return list(dict.fromkeys(self.sources[k] for k in keys if k in self.sources))
 
 
-def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a `.safetensors` LoRA; other extensions are read with torch.load."""
+def load_lora_file(path: str, flag: str = "--lora_weight") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a `.safetensors` LoRA; other extensions are read with torch.load. A file that
+    is not what its extension says (text, truncated, a foreign pickle) is a LoraFormatError naming `flag`."""
     if os.path.splitext(str(path))[1] == ".safetensors":
-        return load_state_dict(str(path)), read_header(path, "--lora_weight")[1]
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+        metadata = read_header(path, flag)[1]  # refuses truncated and non-safetensors files first
+        return load_state_dict(str(path)), metadata
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LoraFormatError(f"{flag} {path}: file not found") from None
+    except Exception as e:  # torch raises unpickling, zip and EOF errors of several types for a foreign file
+        raise LoraFormatError(f"{flag} {path}: not a LoRA file ({one_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LoraFormatError(f"{flag} {path}: not a LoRA file (not a dict of tensors)")
+    return state, {}
 
 
 def _header_dtype(metadata: Mapping[str, str] | None, key: str) -> torch.dtype | None:

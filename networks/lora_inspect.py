@@ -82,8 +82,8 @@ class LoraFileInfo:
         return prefixes
 
 
-def inspect_lora_file(path: str) -> LoraFileInfo:
-    state_dict, metadata = load_lora_file(path)
+def inspect_lora_file(path: str, flag: str = "--inspect") -> LoraFileInfo:
+    state_dict, metadata = load_lora_file(path, flag)
     converted = convert_to_framepack(state_dict, metadata, source=path, unfold=False)
     scales = ranks_alphas(converted.state_dict)
     blocks = dict.fromkeys([*BLOCK_KINDS.values(), OTHER_BLOCKS, ADALN_MODULES], 0)

@@ -36,8 +36,10 @@ from dataset.caching import (
     add_common_arguments,
     cache_file_problem,
     check_common_arguments,
+    check_dataset_folders,
     dtype_name,
     expected_layout,
+    remove_interrupted_writes,
     remove_stale_files,
     resolve_num_workers,
     save_cache_file,
@@ -74,7 +76,7 @@ from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
 from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, entry_point
 from utils.distributed import SINGLE_PROCESS, Processes, run_in_processes
-from utils.safetensors_utils import resolve_weight_files
+from utils.safetensors_utils import read_headers, resolve_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +377,9 @@ def check_datasets(datasets: list[ImageDataset | VideoDataset], args: argparse.N
 def check_model_paths(args: argparse.Namespace) -> None:
     """Fail on a missing or wrong model file before anything is loaded (reads headers only)."""
     read_vae_config(args.vae)
-    resolve_weight_files(args.image_encoder, "--image_encoder", subfolder="image_encoder")
+    read_headers(
+        resolve_weight_files(args.image_encoder, "--image_encoder", subfolder="image_encoder"), "--image_encoder"
+    )
 
 
 def cache_dataset(
@@ -418,10 +422,14 @@ def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None
             )
         return
     check_datasets(datasets, args)
+    check_dataset_folders(datasets, args.dataset_config)
     check_model_paths(args)
+    device = processes.device(args.device)
+    if processes.is_main:
+        remove_interrupted_writes(datasets)
     mode = "one-frame" if args.one_frame else "F1 (vanilla sampling)" if args.f1 else "inverted anti-drifting"
     logger.info(f"Cache mode: {mode}")
-    cacher = LatentCacher(args, processes.device(args.device))
+    cacher = LatentCacher(args, device)
 
     def cache_share() -> list[list[str]]:
         expected, first = [], 0

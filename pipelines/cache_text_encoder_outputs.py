@@ -29,7 +29,9 @@ from dataset.caching import (
     add_common_arguments,
     cache_file_problem,
     check_common_arguments,
+    check_dataset_folders,
     dtype_name,
+    remove_interrupted_writes,
     remove_stale_files,
     resolve_num_workers,
     save_cache_file,
@@ -42,7 +44,7 @@ from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
 from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, entry_point
 from utils.distributed import SINGLE_PROCESS, Processes, run_in_processes
-from utils.safetensors_utils import SAFETENSORS_DTYPES, read_header, resolve_weight_files
+from utils.safetensors_utils import SAFETENSORS_DTYPES, read_header, read_headers, resolve_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +115,8 @@ class TextEncoderCacher:
 
 def check_model_paths(args: argparse.Namespace) -> None:
     """Fail on a missing text encoder before anything is loaded."""
-    resolve_weight_files(args.text_encoder1, "--text_encoder1", subfolder="text_encoder")
-    resolve_weight_files(args.text_encoder2, "--text_encoder2", subfolder="text_encoder_2")
+    for flag, subfolder in (("--text_encoder1", "text_encoder"), ("--text_encoder2", "text_encoder_2")):
+        read_headers(resolve_weight_files(getattr(args, flag[2:]), flag, subfolder=subfolder), flag)
 
 
 def cache_dataset(index: int, dataset, cacher: TextEncoderCacher, args, media: list[int] | None = None) -> list[str]:
@@ -145,9 +147,13 @@ def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None
     check_common_arguments(args)
     logger.info(f"Load dataset config from {args.dataset_config}")
     datasets = build_dataset_group(load_dataset_params(args.dataset_config, args), seed=0).datasets
+    check_dataset_folders(datasets, args.dataset_config)
     check_model_paths(args)
+    device = processes.device(args.device)
+    if processes.is_main:
+        remove_interrupted_writes(datasets)
     existing = [path for dataset in datasets for path in dataset.get_all_text_encoder_output_cache_files()]
-    cacher = TextEncoderCacher(args, processes.device(args.device))
+    cacher = TextEncoderCacher(args, device)
 
     def cache_share() -> list[str]:
         expected, first = [], 0

@@ -181,12 +181,13 @@ def test_validation_split_holds_out_whole_items_the_same_for_every_seed(tmp_path
         build_dataset_group([params], training=True, seed=1).datasets[0].split_off(0.95)
 
 
-def test_validation_tables_in_the_config_and_flag_errors(configs, models, tmp_path):  # noqa: F811
+def test_validation_tables_in_the_config_and_flag_errors(configs, models, tmp_path, capsys):  # noqa: F811
     plain, with_validation = configs
     params = load_dataset_params(str(with_validation))
     assert [(p.is_validation, p.label) for p in params] == [
         (False, "[[datasets]] #1"),
         (True, "[[validation_datasets]] #1"),
     ]
-    with pytest.raises(ValueError, match="need validation data"):
+    with pytest.raises(SystemExit) as refused:  # a user error: one `error:` line, exit status 2
         train(models, plain, tmp_path / "none", "--validate_every_n_steps", "1")
+    assert refused.value.code == 2 and "need validation data" in capsys.readouterr().err

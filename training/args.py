@@ -7,9 +7,10 @@ default or a check differs on purpose (a defect of musubi-tuner fixed), the flag
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
-import sys
+import re
 
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_TRAINING
 from hunyuan_model.latent_preview import PREVIEW_FORMATS
@@ -29,7 +30,7 @@ from pipelines.flags import (
     step_cache_settings,
 )
 from training.timesteps import DEFAULT_VALIDATION_TIMESTEPS, TIMESTEP_SAMPLING_MODES, WEIGHTING_SCHEMES
-from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, check_positive
+from utils.cli import ArgumentParser, HelpFormatter, UsageError, add_debug_flag, check_finite, check_positive
 from utils.toml_file import read_toml
 
 logger = logging.getLogger(__name__)
@@ -415,9 +416,8 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> tuple[str, d
     """(path without .toml, flattened values). Nested tables are flattened; unknown keys are warned about."""
     base = path[:-5] if path.endswith(".toml") else path
     file = base + ".toml"
-    if not os.path.exists(file):
-        logger.error(f"--config_file {file}: file not found")
-        sys.exit(1)
+    if not os.path.isfile(file):
+        raise UsageError(f"--config_file {file}: file not found")
     config = read_toml(file, "--config_file")
     values: dict = {}
 
@@ -429,10 +429,45 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> tuple[str, d
                 values[key] = value
 
     flatten(config)
-    known = {a.dest for a in parser._actions} | _INTERNAL_KEYS
+    actions = {a.dest: a for a in parser._actions}
+    known = set(actions) | _INTERNAL_KEYS
     for key in sorted(set(values) - known):
         logger.warning(f"--config_file {file}: unknown option {key!r} ignored")
+    for key, value in values.items():
+        if key in actions:
+            problem = config_value_problem(actions[key], value)
+            if problem:
+                raise UsageError(f"--config_file {file}: {key} = {value!r}: expected {problem}")
     return base, {k: v for k, v in values.items() if k in known}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def config_value_problem(action: argparse.Action, value) -> str | None:
+    """What a config-file value of a flag should have been, or None when it fits (argparse never converts
+    defaults, so a config value of the wrong type would otherwise reach the trainer as it is)."""
+    if action.nargs == 0:
+        return None if isinstance(value, bool) else "true or false"
+    if action.nargs in ("*", "+"):
+        if not isinstance(value, list):
+            return "an array"
+        items = value
+    else:
+        items = [value]
+    for item in items:
+        if action.type is int and not (isinstance(item, int) and not isinstance(item, bool)):
+            return "an integer"
+        if action.type is float and not _is_number(item):
+            return "a number"
+        if action.type is int_or_float and not (_is_number(item) or isinstance(item, str)):
+            return "a step count or a ratio"
+        if action.type in (None, str) and not isinstance(item, str):
+            return "a string"
+        if action.choices is not None and item not in action.choices:
+            return f"one of {', '.join(map(str, action.choices))}"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -552,3 +587,81 @@ def validate_args(args: argparse.Namespace) -> None:
         for item in getattr(args, key) or []:
             if "=" not in item:
                 raise ValueError(f"--{key} {item!r}: expected key=value")
+    check_numbers(args)
+    check_network_module(args.network_module)
+    check_network_args(args.network_args)
+
+
+# (flag, lowest allowed value or None, first value above the range or None); every value must be finite
+NUMBER_RANGES = (
+    ("learning_rate", 0.0, None),
+    ("max_grad_norm", 0.0, None),
+    ("network_alpha", 0.0, None),
+    ("network_dropout", 0.0, 1.0),
+    ("scale_weight_norms", 0.0, None),
+    ("guidance_scale", None, None),
+    ("discrete_flow_shift", 0.0, None),
+    ("sigmoid_scale", None, None),
+    ("logit_mean", None, None),
+    ("logit_std", 0.0, None),
+    ("mode_scale", None, None),
+    ("lr_scheduler_power", None, None),
+    ("lr_scheduler_min_lr_ratio", 0.0, None),
+    ("lr_warmup_steps", 0, None),
+    ("lr_decay_steps", 0, None),
+)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every number flag finite and in its range (a NaN learning rate or a negative alpha trains nothing useful)."""
+    for name, minimum, below in NUMBER_RANGES:
+        check_finite(f"--{name}", getattr(args, name), minimum, below)
+    _positive(args, "discrete_flow_shift", "logit_std")
+    for multiplier in args.base_weights_multiplier or []:
+        check_finite("--base_weights_multiplier", multiplier)
+
+
+def check_network_module(name: str) -> None:
+    """--network_module must import and define create_network (or create_arch_network)."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise UsageError(f"--network_module {name}: cannot import it ({e})") from None
+    if not hasattr(module, "create_arch_network") and not hasattr(module, "create_network"):
+        raise UsageError(f"--network_module {name}: defines neither create_arch_network nor create_network")
+
+
+# --network_args keys whose values are checked here: fractions in [0, 1), a positive ratio, regex lists
+NETWORK_ARG_FRACTIONS = ("rank_dropout", "module_dropout")
+NETWORK_ARG_PATTERNS = ("exclude_patterns", "include_patterns")
+
+
+def check_network_args(items: list[str] | None) -> None:
+    from networks.lora import parse_pattern_list
+
+    values = dict(item.partition("=")[::2] for item in items or [])
+    for key in (*NETWORK_ARG_FRACTIONS, "loraplus_lr_ratio"):
+        if key not in values:
+            continue
+        try:
+            number = float(values[key])
+        except ValueError:
+            raise UsageError(f"--network_args {key}={values[key]}: not a number") from None
+        if key == "loraplus_lr_ratio":
+            check_finite(f"--network_args {key}", number, 0.0)
+        else:
+            check_finite(f"--network_args {key}", number, 0.0, 1.0)
+    for key in NETWORK_ARG_PATTERNS:
+        if key not in values:
+            continue
+        try:
+            patterns = parse_pattern_list(values[key], key)
+        except (ValueError, SyntaxError):
+            raise UsageError(
+                f"--network_args {key}={values[key]}: expected a list of regex strings, e.g. {key}=['.*attn.*']"
+            ) from None
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"--network_args {key}: {pattern!r} is not a valid regex ({e})") from None

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from networks.lora_convert import export_lora_file, load_lora_file
+from utils.cli import UsageError
+from utils.safetensors_utils import remove_leftover_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ MINIMUM_METADATA_KEYS = (
 )
 TRAINER_STATE_FILE = "trainer_state.json"
 STATE_SUFFIX = "-state"
+TEMPORARY_STATE_SUFFIX = ".tmp"  # `<name>-state.tmp`: a state folder being written
 DIFFUSERS_SUFFIX = ".diffusers"  # `<name>.diffusers.safetensors`: the --save_diffusers_lora export
 
 
@@ -231,6 +234,18 @@ class TrainerState:
 # ---- writing -------------------------------------------------------------------------------------------------------
 
 
+def prepare_output_dir(folder: str) -> None:
+    """Create --output_dir at the start of the run, and remove what a killed save left in it: `<name>-state.tmp`
+    folders and `<file>.safetensors.tmp<pid>` files of processes that no longer run."""
+    os.makedirs(folder, exist_ok=True)
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if entry.endswith(STATE_SUFFIX + TEMPORARY_STATE_SUFFIX) and os.path.isdir(path):
+            shutil.rmtree(path)
+            logger.info(f"removed {path}, left by an interrupted save")
+    remove_leftover_temporary_files(folder)
+
+
 class Saver:
     """Saves LoRAs and states (main process only, states from every process), prunes old ones, uploads."""
 
@@ -238,6 +253,18 @@ class Saver:
         self.args, self.accelerator, self.network = args, accelerator, network
         self.base_metadata = base_metadata
         self.uploads: list[threading.Thread] = []
+        self.last_state: str | None = None  # the newest complete state folder of this run
+        self.last_lora: str | None = None
+
+    def resume_hint(self) -> str:
+        """What an interrupted run leaves and how to continue it."""
+        if self.last_state is not None and os.path.isdir(self.last_state):
+            return f"training stopped; continue it with --resume {self.last_state} (the last saved state)"
+        saved = f" (last LoRA saved: {self.last_lora})" if self.last_lora else ""
+        return (
+            f"training stopped{saved}; no training state was saved, so a new run starts over: add --save_state "
+            "(with --save_every_n_steps N) to be able to --resume"
+        )
 
     def _path(self, name: str) -> str:
         return os.path.join(self.args.output_dir, name)
@@ -250,6 +277,7 @@ class Saver:
         logger.info(f"saving LoRA: {path}")
         metadata = save_metadata(self.args, self.base_metadata, steps, epoch)
         self.accelerator.unwrap_model(self.network).save_weights(path, SAVE_DTYPE, metadata)
+        self.last_lora = path
         self.upload(path, force_sync=final)
         if self.args.save_diffusers_lora:
             exported = self._path(name + DIFFUSERS_SUFFIX + ".safetensors")
@@ -261,21 +289,27 @@ class Saver:
         """accelerate's state (network weights, optimizer, scheduler, every process's RNG) plus the resume position,
         written under a temporary name and renamed when complete. Every process must call this."""
         final = self._path(name + STATE_SUFFIX)
-        tmp = final + ".tmp"
+        tmp = final + TEMPORARY_STATE_SUFFIX
         acc = self.accelerator
         if acc.is_main_process:
             os.makedirs(self.args.output_dir, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         logger.info(f"saving state: {final}")
-        acc.save_state(tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            trainer_state.save(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            if self.args.save_state_to_huggingface:
-                self.upload(final)
+        try:
+            acc.save_state(tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                trainer_state.save(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+        except BaseException:  # Ctrl-C or a failed write: no half-written state stays behind
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.last_state = final
+        if acc.is_main_process and self.args.save_state_to_huggingface:
+            self.upload(final)
         acc.wait_for_everyone()
 
     def remove_lora(self, name: str) -> None:
@@ -353,5 +387,5 @@ def download_state_from_hub(args: argparse.Namespace) -> str:
     )
     folder = os.path.join(local, path_in_repo)
     if not os.path.isdir(folder) or not os.listdir(folder):
-        raise ValueError(f"--resume {args.resume}: no files found on the Hub")
+        raise UsageError(f"--resume {args.resume}: no files found on the Hub")
     return folder

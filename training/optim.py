@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from utils.cli import MissingPackageError, UsageError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = "AdamW"
@@ -29,7 +31,7 @@ def parse_kwargs(items: list[str] | None, flag: str) -> dict[str, Any]:
         try:
             kwargs[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            raise ValueError(f"{flag} {item!r}: the value must be a Python literal (quote strings)") from None
+            raise UsageError(f"{flag} {item!r}: the value must be a Python literal (quote strings)") from None
     return kwargs
 
 
@@ -59,12 +61,12 @@ def _import_class(name: str, default_module, flag: str):
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise ValueError(f"{flag} {name}: cannot import {module_name} ({e})") from None
+            raise UsageError(f"{flag} {name}: cannot import {module_name} ({e})") from None
     else:
         module, class_name = default_module, name
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise ValueError(f"{flag} {name}: {module.__name__} has no {class_name}")
+        raise UsageError(f"{flag} {name}: {module.__name__} has no {class_name}")
     return cls
 
 
@@ -84,7 +86,7 @@ def create_optimizer(args: argparse.Namespace, params: list[dict]) -> OptimizerI
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError(
+            raise MissingPackageError(
                 f"--optimizer_type {name} needs the bitsandbytes package, which is not installed "
                 "(pip install bitsandbytes, CUDA only); use --optimizer_type AdamW instead"
             ) from None
@@ -187,18 +189,18 @@ def create_lr_scheduler(args: argparse.Namespace, info: OptimizerInfo, num_proce
 
     def no_warmup(scheduler):
         if warmup:
-            raise ValueError(f"--lr_scheduler {name} takes no warmup; set --lr_warmup_steps 0")
+            raise UsageError(f"--lr_scheduler {name} takes no warmup; set --lr_warmup_steps 0")
         return scheduler
 
     if name.startswith("adafactor"):
         from transformers.optimization import Adafactor, AdafactorSchedule
 
         if not isinstance(optimizer, Adafactor):
-            raise ValueError("--lr_scheduler adafactor needs --optimizer_type Adafactor")
+            raise UsageError("--lr_scheduler adafactor needs --optimizer_type Adafactor")
         return no_warmup(AdafactorSchedule(optimizer, float(name.split(":")[1])))
     if name == "piecewise_constant":
         if "step_rules" not in kwargs:
-            raise ValueError("--lr_scheduler piecewise_constant needs --lr_scheduler_args \"step_rules='1:10,0.1'\"")
+            raise UsageError("--lr_scheduler piecewise_constant needs --lr_scheduler_args \"step_rules='1:10,0.1'\"")
         return piecewise_constant_schedule(optimizer, **kwargs)
 
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
@@ -207,7 +209,7 @@ def create_lr_scheduler(args: argparse.Namespace, info: OptimizerInfo, num_proce
         kind = SchedulerType(name)
     except ValueError:
         known = ", ".join([s.value for s in SchedulerType] + ["piecewise_constant", "adafactor"])
-        raise ValueError(f"--lr_scheduler {name}: unknown (known: {known})") from None
+        raise UsageError(f"--lr_scheduler {name}: unknown (known: {known})") from None
     schedule = TYPE_TO_SCHEDULER_FUNCTION[kind]
     cycles, power = args.lr_scheduler_num_cycles, args.lr_scheduler_power
     min_lr_ratio = args.lr_scheduler_min_lr_ratio

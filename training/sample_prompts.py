@@ -31,6 +31,7 @@ from pipelines.models import ModelCache
 from pipelines.prompt_line import LineOption, parse_line_options, read_prompt_file
 from pipelines.settings import GenerationSettings, ModelSettings
 from training.rng import preserved_rng
+from utils.cli import UsageError
 from utils.device import clean_memory
 from utils.toml_file import read_toml
 from utils.video_io import save_images, save_video, to_uint8_frames
@@ -114,7 +115,7 @@ def load_prompts(path: str) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             prompts = json.load(f)
     else:
-        raise ValueError(f"--sample_prompts {path}: use a .txt, .toml or .json file")
+        raise UsageError(f"--sample_prompts {path}: use a .txt, .toml or .json file")
     result = []
     for i, prompt in enumerate(prompts):
         prompt = parse_prompt_line(prompt) if isinstance(prompt, str) else dict(prompt)
@@ -152,11 +153,11 @@ def generation_settings(args: argparse.Namespace, prompt: dict) -> GenerationSet
     check_video_size(height, width, where)
     image_path = prompt.get("image_path")
     if not image_path:
-        raise ValueError(f"{where} has no start image (--i path): FramePack samples need one")
+        raise UsageError(f"{where} has no start image (--i path): FramePack samples need one")
     control_image_path = tuple(prompt.get("control_image_path") or ()) or None
     for path in [image_path, *(control_image_path or ())]:
         if not os.path.exists(path):
-            raise ValueError(f"{where}: image {path} not found")
+            raise UsageError(f"{where}: image {path} not found")
     settings = GenerationSettings(
         prompt=prompt.get("prompt", ""),
         negative_prompt=prompt.get("negative_prompt"),

@@ -11,6 +11,7 @@ import time
 
 from accelerate.tracking import GeneralTracker
 
+from utils.cli import MissingPackageError, UsageError
 from utils.toml_file import read_toml
 
 logger = logging.getLogger(__name__)
@@ -103,10 +104,10 @@ def resolve_trackers(args: argparse.Namespace, logging_dir: str | None) -> list 
         return [jsonl]
     wanted = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
     if "tensorboard" in wanted and logging_dir is None:
-        raise ValueError(f"--log_with {args.log_with} needs --logging_dir")
+        raise UsageError(f"--log_with {args.log_with} needs --logging_dir")
     for name in wanted:
         if not _installed(TRACKER_PACKAGES[name]):
-            raise ImportError(
+            raise MissingPackageError(
                 f"--log_with {args.log_with} needs the {TRACKER_PACKAGES[name]} package, which is not installed "
                 f"(pip install {TRACKER_PACKAGES[name]})"
             )

@@ -36,11 +36,12 @@ from training import checkpoints as C
 from training.args import ATTENTION_FLAGS, attention_mode, parse_args
 from training.data import build_dataloader
 from training.optim import create_lr_scheduler, create_optimizer
+from training.preflight import check_training_files
 from training.rng import preserved_rng
 from training.timesteps import fixed_timestep_input, loss_weighting, noisy_model_input_and_timesteps, show_timesteps
 from training.tracking import LossRecorder, init_trackers, logging_directory, resolve_trackers, step_logs
 from training.validation import Validator, load_datasets
-from utils.cli import entry_point
+from utils.cli import UsageError, entry_point, one_line
 from utils.distributed import cpu_only_group, launched_processes, process_group_backend
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def load_dit(args: argparse.Namespace, device: torch.device):
             check_attn_mode(mode)
         except AttentionBackendError as e:
             flag = next(f for f, m in ATTENTION_FLAGS.items() if m == mode)
-            raise ValueError(f"--{flag}: {e}; use --sdpa") from None
+            raise UsageError(f"--{flag}: {e}; use --sdpa") from None
     skeleton = dit_skeleton(args.dit)
     swap = args.blocks_to_swap or 0
     if swap and device.type != "cpu":  # on the CPU block swap is a no-op (enable_block_swap warns)
@@ -185,9 +186,28 @@ def load_dit(args: argparse.Namespace, device: torch.device):
 
 
 def read_weights(path: str) -> dict:
+    """A LoRA file's tensors; the file was checked to be a LoRA before anything loaded (training.preflight)."""
     if path.endswith(".safetensors"):
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_network_weights(network, path: str) -> None:
+    """--network_weights into the network: every module of the file must be one of the network's, with its shapes
+    (ranks were compared before loading; this catches a LoRA of a DiT of another width)."""
+    try:
+        info = network.load_weights(path)
+    except RuntimeError as e:  # load_state_dict's size mismatch
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), one_line(e))
+        raise UsageError(f"--network_weights {path}: not a LoRA of this network: {first}") from None
+    unexpected = [key for key in info.unexpected_keys if not key.endswith(".alpha")]
+    if unexpected:
+        raise UsageError(
+            f"--network_weights {path}: not a LoRA of this network: {len(unexpected)} tensor(s) for modules it "
+            f"does not have, e.g. {unexpected[0]} (check --network_args include_patterns/exclude_patterns)"
+        )
+    loaded = len(network.state_dict()) - len(info.missing_keys)
+    logger.info(f"loaded network weights from {path}: {loaded} tensors, {len(info.missing_keys)} left at their init")
 
 
 def create_network(args: argparse.Namespace, dit):
@@ -219,8 +239,7 @@ def create_network(args: argparse.Namespace, dit):
         network.prepare_network(args)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
     if args.network_weights:
-        info = network.load_weights(args.network_weights)
-        logger.info(f"loaded network weights from {args.network_weights}: {info}")
+        load_network_weights(network, args.network_weights)
     return network
 
 
@@ -241,6 +260,8 @@ class Trainer:
             output_name = os.path.splitext(os.path.basename(flags.dataset_config))[0]
             logger.info(f"--output_name not given: saving as {output_name}")
         self.accelerator = acc = create_accelerator(flags)
+        if acc.is_main_process:
+            C.prepare_output_dir(flags.output_dir)
         loader, self.sampler = build_dataloader(
             group, flags.max_data_loader_n_workers, flags.persistent_data_loader_workers, acc.num_processes
         )
@@ -339,7 +360,10 @@ class Trainer:
         args, acc = self.args, self.accelerator
         folder = C.download_state_from_hub(args) if args.resume_from_huggingface else args.resume
         logger.info(f"resuming from {folder}")
-        acc.load_state(folder)
+        try:
+            acc.load_state(folder)
+        except RuntimeError as e:  # the saved network's modules or shapes are not this run's
+            raise UsageError(f"--resume {folder}: not a training state of this network ({one_line(e)[:300]})") from None
         state = C.TrainerState.load(folder)
         if state is None:
             logger.warning(f"{folder} has no {C.TRAINER_STATE_FILE} (not saved by this trainer): starting at step 0")
@@ -596,5 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_timesteps:
         show_timesteps(args)
         return 0
-    Trainer(args).train()
+    check_training_files(args)
+    trainer = Trainer(args)
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        logger.warning(trainer.saver.resume_hint())
+        raise
     return 0

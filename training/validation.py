@@ -17,6 +17,7 @@ import torch
 from dataset.config import load_dataset_params
 from dataset.image_video_dataset import BaseDataset, DatasetGroup, build_dataset_group
 from training.rng import preserved_rng
+from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +85,18 @@ def load_datasets(flags) -> tuple[DatasetGroup, list[BaseDataset]]:
     params = load_dataset_params(path, flags)
     group = build_dataset_group([p for p in params if not p.is_validation], training=True)
     if group.num_train_items == 0:
-        raise ValueError(f"--dataset_config {path}: no cached items (run the caching scripts)")
+        raise UsageError(f"--dataset_config {path}: no cached items (run the caching scripts)")
     validation_params = [p for p in params if p.is_validation]
     validation = build_dataset_group(validation_params, training=True, seed=0).datasets if validation_params else []
     for dataset in validation:
         if dataset.num_train_items == 0:
-            raise ValueError(f"--dataset_config {path}: {dataset.params.label} has no cached items (cache it too)")
+            raise UsageError(f"--dataset_config {path}: {dataset.params.label} has no cached items (cache it too)")
     if flags.validation_split > 0:
         validation += [dataset.split_off(flags.validation_split) for dataset in group.datasets]
         group = DatasetGroup(group.datasets)
     scheduled = flags.validate_every_n_steps or flags.validate_every_n_epochs
     if scheduled and not validation:
-        raise ValueError(
+        raise UsageError(
             "--validate_every_n_steps/--validate_every_n_epochs need validation data: [[validation_datasets]] in "
             f"--dataset_config {path}, or --validation_split"
         )

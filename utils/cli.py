@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import traceback
@@ -26,6 +27,10 @@ class UserError(Exception):
 
 class UsageError(UserError, ValueError):
     """A flag value, or a combination of flags, that cannot work."""
+
+
+class MissingPackageError(UserError, ImportError):
+    """A flag asks for an optional package that is not installed; the message names the flag and the package."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -53,6 +58,51 @@ def check_positive(flag: str, value, allow_zero: bool = False) -> None:
     """Raise UsageError naming `flag` unless `value` is None or > 0 (>= 0 with `allow_zero`)."""
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_finite(flag: str, value, minimum: float | None = None, below: float | None = None) -> None:
+    """Raise UsageError naming `flag` unless `value` is None or a finite number >= `minimum` and < `below`."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+    if below is not None and value >= below:
+        raise UsageError(f"{flag} must be below {below}, got {value}")
+
+
+def _folder_problem(folder: str) -> str | None:
+    """Why `folder` cannot be used as an output folder (without creating it), or None."""
+    if os.path.exists(folder):
+        if not os.path.isdir(folder):
+            return "exists and is not a folder"
+        return None if os.access(folder, os.W_OK | os.X_OK) else "the folder is not writable"
+    parent = os.path.dirname(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created, {parent} is a file"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created, {parent} is not writable"
+
+
+def check_output_folder(flag: str, path: str) -> None:
+    """Refuse an output folder that cannot be created or written to, without creating it."""
+    problem = _folder_problem(os.path.abspath(path))
+    if problem:
+        raise UsageError(f"{flag} {path}: {problem}")
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """Refuse an output file path that is a folder or whose folder cannot be created or written to."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: cannot be written, {folder} is a file")
+    problem = _folder_problem(folder)
+    if problem:
+        raise UsageError(f"{flag} {path}: its folder {problem}")
 
 
 def one_line(message: object) -> str:

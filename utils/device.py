@@ -6,12 +6,27 @@ import gc
 
 import torch
 
+from utils.cli import UsageError
 
-def resolve_device(name: str | None) -> torch.device:
-    """`--device` as given, else cuda when available, else cpu."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """`--device` as given (it must exist on this machine), else cuda when available, else cpu."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{flag} {name}: unsupported device type {device.type} (use cpu, cuda or mps)")
+    return device
 
 
 def clean_memory(device: torch.device) -> None:

@@ -7,6 +7,7 @@ encoders alike.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import mmap
@@ -258,6 +259,38 @@ def _mapped_view(mapped: mmap.mmap, start: int, end: int) -> torch.Tensor:
         return torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
 
 
+TEMPORARY_SUFFIX = re.compile(r"\.tmp(?P<pid>\d+)$")  # `<file>.tmp<pid>`: a file being written by process <pid>
+
+
+def temporary_path(path: str) -> str:
+    """Where `path` is written before it is renamed into place: `<path>.tmp<pid>` in the same folder."""
+    return f"{path}.tmp{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's live process
+        return True
+    except (ProcessLookupError, OverflowError):  # no such process, or no possible pid
+        return False
+    return True
+
+
+def remove_leftover_temporary_files(folder: str, pattern: str = "*.safetensors.tmp*") -> list[str]:
+    """Delete the `<file>.tmp<pid>` files in `folder` left by a killed write (their process no longer runs), so a
+    new run in that folder starts clean; files of a live process are left alone. Returns the removed paths."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
+        match = TEMPORARY_SUFFIX.search(path)
+        if match is None or not os.path.isfile(path) or _process_alive(int(match["pid"])):
+            continue
+        os.remove(path)
+        logger.info(f"removed {path}, left by an interrupted save")
+        removed.append(path)
+    return removed
+
+
 def _packed_header(header: dict) -> bytes:
     """8-byte little-endian length + JSON header padded with spaces to a multiple of 8 bytes (the safetensors rule)."""
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -286,7 +319,7 @@ def write_safetensors_streaming(
     if metadata:
         header = {"__metadata__": dict(sorted(metadata.items()))} | header
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(_packed_header(header))
@@ -309,7 +342,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """Write atomically: to a temporary name in the same folder, then rename, so no half-written file remains."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_path(path)
     try:
         contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
         save_file(contiguous, tmp, metadata=metadata)
@@ -358,7 +391,7 @@ def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[s
 def write_atomically(path: str, data: bytes) -> None:
     """Write to a temporary name in the same folder, then rename: an interrupted run leaves no partial file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

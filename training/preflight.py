@@ -1,0 +1,153 @@
+"""Checks of what a training run was given that read files but load no model: the DiT and LoRA headers, the
+`--resume` folder, the output folders, the optimizer and scheduler flags. They run before the dataset, the
+accelerator or any model is set up, so a mistake costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from contextlib import contextmanager
+
+import torch
+
+from networks.lora import DOWN_KEY, LORA_PREFIX
+from networks.lora_convert import load_lora_file
+from utils.cli import UsageError, UserError, check_output_folder, one_line
+from utils.safetensors_utils import read_header
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NETWORK_DIM = 4  # what the LoRA network uses when --network_dim is not given
+STATE_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # the network in an accelerate state folder
+STATE_REQUIRED_FILES = ("optimizer.bin", "scheduler.bin")
+
+
+class TrainingInputError(UserError, ValueError):
+    """A file given to the trainer that cannot be what its flag says."""
+
+
+def lora_ranks(path: str, flag: str) -> dict[str, int]:
+    """LoRA module name -> rank (rows of its lora_down weight) of a LoRA file, from its header alone where it is a
+    safetensors file. Refuses anything without `lora_unet_*.lora_down.weight` tensors."""
+    if path.endswith(".safetensors"):
+        shapes = {key: info.shape for key, info in read_header(path, flag)[0].items()}
+    else:
+        shapes = {key: tuple(tensor.shape) for key, tensor in load_lora_file(path, flag)[0].items()}
+    ranks = {
+        key.rsplit(".", 2)[0]: shape[0]
+        for key, shape in shapes.items()
+        if key.startswith(LORA_PREFIX) and key.endswith(f".{DOWN_KEY}") and len(shape) == 2
+    }
+    if not ranks:
+        example = ", ".join(sorted(shapes)[:3]) or "no tensors"
+        raise TrainingInputError(
+            f"{flag} {path}: not a LoRA of this network (no {LORA_PREFIX}_*.{DOWN_KEY} tensors; it holds {example}). "
+            "A diffusers/PEFT LoRA can be converted with convert_lora.py --target default"
+        )
+    return ranks
+
+
+def _rank_summary(ranks: dict[str, int]) -> str:
+    values = sorted(set(ranks.values()))
+    return str(values[0]) if len(values) == 1 else "/".join(map(str, values))
+
+
+def check_ranks(flag: str, path: str, ranks: dict[str, int], expected: int | dict[str, int], against: str) -> None:
+    """The ranks of a file must be what the network is built with (one rank, or the ranks of another file)."""
+    if isinstance(expected, int):
+        wrong = {name: rank for name, rank in ranks.items() if rank != expected}
+        want = str(expected)
+    else:
+        wrong = {name: rank for name, rank in ranks.items() if name in expected and rank != expected[name]}
+        want = _rank_summary({name: expected[name] for name in wrong}) if wrong else ""
+    if wrong:
+        raise TrainingInputError(
+            f"{flag} {path}: not a training state of this network: rank {_rank_summary(wrong)} vs {want} ({against})"
+        )
+
+
+def check_module_names(flag: str, path: str, ranks: dict[str, int], network_module: str) -> None:
+    """With the FramePack network, every module of the file must name a Linear of the DiT's blocks."""
+    if network_module != "networks.lora_framepack":
+        return
+    from networks.lora_framepack import module_path
+
+    unknown = sorted(name for name in ranks if module_path(name) is None)
+    if unknown:
+        raise TrainingInputError(
+            f"{flag} {path}: not a LoRA of this network: {len(unknown)} module(s) of another model, e.g. {unknown[0]}"
+        )
+
+
+def check_resume_folder(folder: str, expected: int | dict[str, int], against: str) -> None:
+    """A `--save_state` folder: the network weights, the optimizer and the scheduler are all there, and the
+    network has the ranks this run builds."""
+    present = set(os.listdir(folder))
+    model = next((name for name in STATE_MODEL_FILES if name in present), None)
+    missing = [name for name in STATE_REQUIRED_FILES if name not in present]
+    if model is None:
+        what = "an empty folder" if not present else f"it holds {', '.join(sorted(present)[:4])}"
+        raise TrainingInputError(
+            f"--resume {folder}: not a training state folder (no {STATE_MODEL_FILES[0]}; {what}); give a "
+            "<name>-state folder written with --save_state"
+        )
+    if missing:
+        raise TrainingInputError(f"--resume {folder}: incomplete training state, {', '.join(missing)} missing")
+    path = os.path.join(folder, model)
+    ranks = lora_ranks(path, "--resume")
+    check_ranks("--resume", folder, ranks, expected, against)
+
+
+def check_training_files(args: argparse.Namespace) -> None:
+    """Every file check that needs no model; raises a UserError naming the flag and the file."""
+    from frame_pack.dit_loader import read_dit_config
+
+    read_dit_config(args.dit, "--dit")
+    for path in args.base_weights or []:
+        if path.endswith(".safetensors"):
+            read_header(path, "--base_weights")
+    expected: int | dict[str, int] = DEFAULT_NETWORK_DIM if args.network_dim is None else args.network_dim
+    against = f"--network_dim {expected}"
+    if args.network_weights:
+        ranks = lora_ranks(args.network_weights, "--network_weights")
+        check_module_names("--network_weights", args.network_weights, ranks, args.network_module)
+        if args.dim_from_weights:
+            expected, against = ranks, f"the ranks of --network_weights {args.network_weights}"
+        else:
+            check_ranks("--network_weights", args.network_weights, ranks, expected, f"{against}; or --dim_from_weights")
+    if args.resume and not args.resume_from_huggingface:
+        check_resume_folder(args.resume, expected, against)
+    check_output_folder("--output_dir", args.output_dir)
+    if args.logging_dir:
+        check_output_folder("--logging_dir", args.logging_dir)
+    check_optimizer_flags(args)
+
+
+@contextmanager
+def _quiet(name: str):
+    target = logging.getLogger(name)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+def check_optimizer_flags(args: argparse.Namespace) -> None:
+    """Build the optimizer and the scheduler once over a stand-in parameter: an unknown name, a missing package or
+    a bad keyword fails now, not after the DiT loaded. Draws no random numbers."""
+    from training.optim import create_lr_scheduler, create_optimizer
+
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:
+        with _quiet("training.optim"):
+            info = create_optimizer(args, [{"params": [probe], "lr": args.learning_rate}])
+            create_lr_scheduler(args, info, 1)
+    except UserError:
+        raise
+    except (TypeError, ValueError, ImportError) as e:  # the optimizer's or scheduler's own check of its kwargs
+        flags = "--optimizer_type/--optimizer_args/--lr_scheduler/--lr_scheduler_args"
+        raise UsageError(f"{flags}: {one_line(e)}") from None
