@@ -15,7 +15,6 @@ fresh load by the fp8 rounding of the base weight.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,7 @@ import torch.nn as nn
 from frame_pack.fp8 import FP8_DTYPE, dequantized_weight, is_quantized, quantize_linear
 from networks import lora_merge
 from networks.lora_framepack import target_linears
+from utils.cli import log_level
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +76,6 @@ class _BaseWeight:
     scale: torch.Tensor | None  # the fp8 scale when the copy was taken after --fp8_scaled
 
 
-@contextlib.contextmanager
-def _quiet(log: logging.Logger):
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 class LoraSwitcher:
     """Keeps `model`'s merged LoRAs equal to the set last given to `apply`, changing only the modules involved."""
 
@@ -109,7 +99,7 @@ class LoraSwitcher:
             key = (spec.path, spec.include, spec.exclude)
             if key not in self._touched:
                 # multiplier 0 lists the modules a file reaches and leaves every weight as it is
-                with _quiet(lora_merge.logger):
+                with log_level(lora_merge.logger, logging.WARNING):
                     (report,) = lora_merge.merge_lora_files(
                         self.model, [spec.path], 0.0, [spec.include], [spec.exclude]
                     )

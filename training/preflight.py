@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from contextlib import contextmanager
 
 import torch
 
 from networks.lora import DOWN_KEY, LORA_PREFIX
 from networks.lora_convert import load_lora_file
-from utils.cli import UsageError, UserError, check_output_folder, one_line
+from utils.cli import UsageError, UserError, check_output_folder, log_level, one_line
 from utils.safetensors_utils import read_header
 
 logger = logging.getLogger(__name__)
@@ -125,17 +124,6 @@ def check_training_files(args: argparse.Namespace) -> None:
     check_optimizer_flags(args)
 
 
-@contextmanager
-def _quiet(name: str):
-    target = logging.getLogger(name)
-    level = target.level
-    target.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        target.setLevel(level)
-
-
 def check_optimizer_flags(args: argparse.Namespace) -> None:
     """Build the optimizer and the scheduler once over a stand-in parameter: an unknown name, a missing package or
     a bad keyword fails now, not after the DiT loaded. Draws no random numbers."""
@@ -143,7 +131,7 @@ def check_optimizer_flags(args: argparse.Namespace) -> None:
 
     probe = torch.nn.Parameter(torch.zeros(1))
     try:
-        with _quiet("training.optim"):
+        with log_level(logging.getLogger("training.optim"), logging.ERROR):
             info = create_optimizer(args, [{"params": [probe], "lr": args.learning_rate}])
             create_lr_scheduler(args, info, 1)
     except UserError:

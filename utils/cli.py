@@ -9,7 +9,9 @@ traceback of user errors and interruptions too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import logging
 import math
 import os
 import sys
@@ -103,6 +105,17 @@ def check_output_file(flag: str, path: str) -> None:
     problem = _folder_problem(folder)
     if problem:
         raise UsageError(f"{flag} {path}: its folder {problem}")
+
+
+@contextlib.contextmanager
+def log_level(log: logging.Logger, level: int):
+    """`log` shows only records of `level` and above inside the block (routine messages of a repeated step)."""
+    previous = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
 
 
 def one_line(message: object) -> str:
