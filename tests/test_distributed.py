@@ -74,6 +74,7 @@ def test_one_process_runs_everything_and_reports_its_error_unchanged():
 
 def test_each_process_takes_its_own_device_unless_one_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a named --device must exist
     assert Processes(3, 4, local_rank=1).device(None) == torch.device("cuda", 1)
     assert Processes(3, 4, local_rank=1).device("cuda") == torch.device("cuda", 1)
     assert Processes(3, 4, local_rank=1).device("cuda:0") == torch.device("cuda", 0)
