@@ -376,21 +376,20 @@ def resolve_dataset_params(config: dict, namespace: Any = None, file: str | None
 
 
 def check_bucket_step(params: DatasetParams, file: str | None) -> None:
-    """`resolution` sides that are not multiples of the 16-pixel bucket step. An image dataset without
-    enable_bucket resizes every image to exactly `resolution`, which the VAE cannot encode: an error. Otherwise
-    (video datasets always bucket, image datasets with enable_bucket) `resolution` only sets the bucket area, as
-    in musubi-tuner: a warning saying which bucket a frame of that very shape gets."""
+    """Warn about `resolution` sides that are not multiples of the 16-pixel bucket step, saying what is done, as
+    musubi-tuner does it: an image dataset without enable_bucket resizes every image to exactly `resolution`;
+    otherwise (video datasets always bucket) `resolution` only sets the bucket area, and the warning names the
+    bucket a frame of that very shape gets."""
     width, height = params.resolution
     if width % RESOLUTION_STEP == 0 and height % RESOLUTION_STEP == 0:
         return
     if isinstance(params, ImageDatasetParams) and not params.enable_bucket:
-        raise DatasetConfigError(
-            f"{width}x{height} is not a multiple of {RESOLUTION_STEP} (the bucket step); images are resized to it "
-            f"exactly without enable_bucket: use e.g. [{_step_multiple(width)}, {_step_multiple(height)}]",
-            file,
-            params.label,
-            "resolution",
+        logger.warning(
+            f"{params.label}: resolution {width}x{height} is not a multiple of {RESOLUTION_STEP}; without "
+            f"enable_bucket images are resized to exactly {width}x{height}: use e.g. "
+            f"[{_step_multiple(width)}, {_step_multiple(height)}]"
         )
+        return
     bucket = BucketSelector((width, height)).get_bucket_resolution((width, height))
     logger.warning(
         f"{params.label}: resolution {width}x{height} is not a multiple of {RESOLUTION_STEP}; it sets only the bucket "

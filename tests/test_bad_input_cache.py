@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dataset.config import load_dataset_params
 from tests.badinput import Case, check_refusal, run_cases, run_script, truncated_copy, write_text
-from tests.factory.datasets import make_image_dataset, make_video_dataset, write_config, write_jsonl
+from tests.factory.datasets import make_video_dataset, write_config, write_jsonl
 from tests.test_bad_input_train import Running, leftovers
 
 LATENTS = "fpack_cache_latents.py"
@@ -51,10 +51,6 @@ def world(models, tmp_path_factory):
     w["fps_inf"] = write_text(
         root / "fps_inf.toml", f'[[datasets]]\nvideo_directory = "{root / "fps"}"\nsource_fps = inf\n'
     )
-    images = make_image_dataset(root, sizes=((48, 32),), controls_per_image=1, name="images")
-    w["images"] = images.directory
-    w["image_30"] = config("image_30", {"image_directory": images.directory, "control_directory":
-                           images.control_directory, "resolution": [30, 30], "caption_extension": ".txt"})  # fmt: skip
     w["cache_is_a_file"] = own_videos("cache_is_a_file", cache_directory=write_text(root / "a_file"))
     write_jsonl(root / "list.jsonl", [{"video_path": str(videos.videos[0]), "caption": "x"}])
     (root / "list.jsonl").write_text((root / "list.jsonl").read_text() + "{not json\n")
@@ -98,12 +94,6 @@ CASES = {
         "empty",
     ),
     "latents_source_fps_inf": (LATENTS, lambda w: latents(w, "fps_inf"), ("source_fps", "finite"), None),
-    "latents_image_resolution_off_step": (
-        LATENTS,
-        lambda w: latents(w, "image_30", "--one_frame"),
-        ("resolution", "multiple of 16"),
-        "images",
-    ),
     "latents_cache_directory_is_a_file": (
         LATENTS,
         lambda w: latents(w, "cache_is_a_file"),
