@@ -5,12 +5,14 @@ One tensor under key `latent`, fp32, (16, T, h, w); settings as string metadata 
 
 from __future__ import annotations
 
+import os
+import zipfile
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 
-from utils.safetensors_utils import save_safetensors
+from utils.cli import one_line
+from utils.safetensors_utils import WeightFileError, load_state_dict, read_header, save_safetensors
 
 if TYPE_CHECKING:
     from pipelines.settings import GenerationSettings
@@ -56,17 +58,34 @@ def save_latent(latent: torch.Tensor, path: str, metadata: dict[str, str] | None
 
 
 def load_latent(path: str, flag: str = "--latent_path") -> tuple[torch.Tensor, dict[str, str]]:
-    """-> ((16, T, h, w) tensor, metadata). Accepts musubi-tuner's 4-D and 5-D files and torch.save files; errors
-    name ``flag`` and the file."""
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            if LATENT_KEY not in f.keys():
-                raise ValueError(f"{flag} {path}: no tensor named '{LATENT_KEY}' (keys: {list(f.keys())[:5]})")
-            latent, metadata = f.get_tensor(LATENT_KEY), f.metadata() or {}
+    """-> ((16, T, h, w) tensor, metadata). Accepts musubi-tuner's 4-D and 5-D files and torch.save files; any fault
+    of the file is a WeightFileError naming ``flag`` and the file."""
+    if not os.path.isfile(path):
+        raise WeightFileError(f"{flag} {path}: no such file")
+    if path.endswith(".safetensors") or not zipfile.is_zipfile(path):
+        if not path.endswith(".safetensors") and not _looks_like_safetensors(path):
+            raise WeightFileError(f"{flag} {path}: not a saved latent (neither a .safetensors nor a torch.save file)")
+        infos, metadata = read_header(path, flag)
+        if LATENT_KEY not in infos:
+            raise WeightFileError(
+                f"{flag} {path}: not a saved latent (no tensor named '{LATENT_KEY}'; keys: {list(infos)[:5]})"
+            )
+        latent = load_state_dict(path, key_filter=LATENT_KEY.__eq__, flag=flag)[LATENT_KEY]
     else:
-        latent, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+        try:
+            latent, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+        except Exception as e:  # torch.load reports damaged or foreign files through many exception types
+            raise WeightFileError(f"{flag} {path}: not a readable torch.save latent ({one_line(e)})") from e
+        if not isinstance(latent, torch.Tensor):
+            raise WeightFileError(f"{flag} {path}: holds a {type(latent).__name__}, not a latent tensor")
     if latent.dim() == 5:
         latent = latent.squeeze(0)
     if latent.dim() != 4 or latent.shape[0] != 16:
-        raise ValueError(f"{flag} {path}: expected a (16, T, h, w) latent, got {tuple(latent.shape)}")
+        raise WeightFileError(f"{flag} {path}: expected a (16, T, h, w) latent, got {tuple(latent.shape)}")
     return latent, metadata
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    """A safetensors file starts with an 8-byte header length followed by the JSON header's `{`."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"

@@ -19,10 +19,9 @@ import os
 import shlex
 from collections.abc import Iterable
 
-from safetensors import safe_open
-
 from utils.cli import UserError
 from utils.file_hash import HASH_SCHEME, quick_hash
+from utils.safetensors_utils import WeightFileError, read_header
 from utils.video_io import read_png_metadata, read_video_metadata
 
 logger = logging.getLogger(__name__)
@@ -140,8 +139,7 @@ def read_file_metadata(path: str) -> dict[str, str]:
     """The metadata dict of one of our outputs: a latent (.safetensors), an mp4 or a PNG; {} when it has none."""
     lower = path.lower()
     if lower.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
+        return dict(read_header(path)[1])
     if lower.endswith(".mp4"):
         return read_video_metadata(path)
     if lower.endswith(".png"):
@@ -155,7 +153,7 @@ def read_settings(path: str, flag: str = "--from_metadata") -> dict:
         raise MetadataError(f"{flag} {path}: file not found")
     try:
         metadata = read_file_metadata(path)
-    except MetadataError as e:
+    except (MetadataError, WeightFileError) as e:
         raise MetadataError(f"{flag} {e}") from None
     except Exception as e:  # unreadable container / header
         raise MetadataError(f"{flag} {path}: cannot read its metadata ({e})") from None
@@ -163,7 +161,12 @@ def read_settings(path: str, flag: str = "--from_metadata") -> dict:
     if not text:
         hint = " (written with --no_metadata, or by another tool?)" if not metadata else ""
         raise MetadataError(f"{flag} {path}: no generation settings recorded{hint}")
-    settings = json.loads(text)
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MetadataError(f"{flag} {path}: its recorded generation settings are damaged ({e})") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("flags"), dict):
+        raise MetadataError(f"{flag} {path}: its recorded generation settings are damaged (no flags recorded)")
     if settings.get("version") != SETTINGS_VERSION:
         raise MetadataError(f"{flag} {path}: settings version {settings.get('version')} is not {SETTINGS_VERSION}")
     return settings

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
-from utils.cli import UserError
+from utils.cli import UserError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -66,34 +66,64 @@ class TensorInfo:
     data_range: tuple[int, int] | None = field(default=None, compare=False)
 
 
+def _header_entries(header: object, header_len: int, where: str) -> dict[str, TensorInfo]:
+    """The tensor entries of a decoded header, each checked for the fields and types safetensors requires."""
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{where}: not a safetensors file (its header is not a JSON object)")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise WeightFileError(f"{where}: malformed safetensors header (__metadata__ is not a map of strings)")
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            valid = (
+                isinstance(dtype, str)
+                and isinstance(shape, list)
+                and all(isinstance(n, int) and n >= 0 for n in shape)
+                and all(isinstance(n, int) for n in (start, end))
+                and 0 <= start <= end
+            )
+            if valid and dtype in SAFETENSORS_DTYPES:  # data size agrees with shape (other dtypes: not checked)
+                valid = end - start == torch.Size(shape).numel() * SAFETENSORS_DTYPES[dtype].itemsize
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise WeightFileError(f"{where}: malformed safetensors header (bad entry for tensor {name!r})")
+        infos[name] = TensorInfo(dtype, tuple(shape), (8 + header_len + start, 8 + header_len + end))
+    return infos
+
+
 def read_header(path: str | os.PathLike, flag: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Read a safetensors header without touching tensor data; refuse truncated or non-safetensors files."""
+    """Read a safetensors header without touching tensor data; refuse truncated, malformed or non-safetensors files
+    with a WeightFileError naming `flag` (when given) and the file."""
     path = str(path)
+    where = f"{_where(flag)}{path}"
+    if os.path.isdir(path):
+        raise WeightFileError(f"{where}: is a folder, not a safetensors file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
-                raise WeightFileError(f"{_where(flag)}{path}: file is too short to be a safetensors file")
+                raise WeightFileError(f"{where}: file is too short to be a safetensors file")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > size - 8 or header_len > 100_000_000:
-                raise WeightFileError(f"{_where(flag)}{path}: not a safetensors file (bad header length)")
+                raise WeightFileError(f"{where}: not a safetensors file (bad header length)")
             header = json.loads(f.read(header_len))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         if isinstance(e, FileNotFoundError):
-            raise WeightFileError(f"{_where(flag)}{path}: file not found") from e
-        raise WeightFileError(f"{_where(flag)}{path}: not a readable safetensors file ({e})") from e
-    metadata = header.pop("__metadata__", None) or {}
-    infos: dict[str, TensorInfo] = {}
-    data_end = 0
-    for name, entry in header.items():
-        start, end = entry["data_offsets"]
-        infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), (8 + header_len + start, 8 + header_len + end))
-        data_end = max(data_end, end)
-    if 8 + header_len + data_end > size:
+            raise WeightFileError(f"{where}: file not found") from e
+        reason = "not valid JSON" if isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)) else e
+        raise WeightFileError(f"{where}: not a readable safetensors file ({reason})") from e
+    infos = _header_entries(header, header_len, where)
+    metadata = header.get("__metadata__") or {}
+    data_end = max((info.data_range[1] for info in infos.values()), default=8 + header_len)
+    if data_end > size:
         raise WeightFileError(
-            f"{_where(flag)}{path}: file is truncated ({size} bytes, header promises {8 + header_len + data_end});"
-            " download it again"
+            f"{where}: file is truncated ({size} bytes, header promises {data_end}); download or write it again"
         )
     return infos, metadata
 
@@ -110,6 +140,18 @@ def _shard_family(path: Path, flag: str | None) -> list[str] | None:
     return [str(f) for f in files]
 
 
+def _index_weight_map(index: Path, flag: str | None) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file name) of a shard index json, refused when it is unreadable."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise WeightFileError(f"{_where(flag)}{index}: unreadable shard index ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightFileError(f"{_where(flag)}{index}: shard index whose weight_map is not a map of file names")
+    return weight_map
+
+
 def resolve_weight_files(path: str | os.PathLike, flag: str | None = None, subfolder: str | None = None) -> list[str]:
     """Turn what a user passed (file, first shard, folder, snapshot root) into the list of files to read.
 
@@ -124,8 +166,7 @@ def resolve_weight_files(path: str | os.PathLike, flag: str | None = None, subfo
         folder = p / subfolder if subfolder and (p / subfolder).is_dir() else p
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
-            with open(indexes[0]) as f:
-                weight_map = json.load(f).get("weight_map", {})
+            weight_map = _index_weight_map(indexes[0], flag)
             files = sorted({str(folder / name) for name in weight_map.values()})
             missing = [f for f in files if not os.path.exists(f)]
             if missing:
@@ -161,21 +202,38 @@ def load_state_dict(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     key_filter=None,
+    flag: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Load tensors from one or several safetensors files, optionally casting floating tensors to `dtype`."""
+    """Load tensors from one or several safetensors files, optionally casting floating tensors to `dtype`.
+
+    Each file's header is checked first (`read_header`), so a damaged or foreign file is a WeightFileError naming
+    `flag` and the file, never a library error."""
     if isinstance(files, str):
         files = [files]
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                if key_filter is not None and not key_filter(key):
-                    continue
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                state[key] = t
+        read_header(path, flag)
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key_filter is not None and not key_filter(key):
+                        continue
+                    t = f.get_tensor(key)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    state[key] = t
+        except (SafetensorError, OSError) as e:
+            raise WeightFileError(f"{_where(flag)}{path}: unreadable safetensors file ({one_line(e)})") from e
     return state
+
+
+def load_safetensors(
+    path: str | os.PathLike, flag: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of one safetensors file a user gave; any fault of the file is a WeightFileError
+    naming `flag` and the file."""
+    _, metadata = read_header(path, flag)
+    return load_state_dict(str(path), device=device, flag=flag), metadata
 
 
 # Mappings `stream_tensors` is reading: start address -> (mapping, length), for `release_mapped_pages`.
