@@ -70,9 +70,20 @@ def heads_from_rows(rows: int, head_dim: int, what: str, flag: str, path) -> int
     return rows // head_dim
 
 
-def load_encoder(spec: EncoderSpec, path: str | os.PathLike, flag: str) -> PreTrainedModel:
-    """Load one encoder on the CPU in eval mode: files keep their dtype, a snapshot folder loads as float16."""
-    logger.info("Loading %s from %s", spec.name, path)
+@dataclass
+class EncoderPlan:
+    """What loading one encoder checkpoint takes, worked out from its headers alone: the files, file key -> module
+    key of the tensors to read, the model built on the meta device, and the dtype to load in (None: the file's)."""
+
+    files: list[str]
+    keep: dict[str, str]
+    model: PreTrainedModel
+    dtype: torch.dtype | None
+
+
+def plan_encoder(spec: EncoderSpec, path: str | os.PathLike, flag: str) -> EncoderPlan:
+    """Check a checkpoint against the encoder family without reading any tensor data; WeightFileError naming
+    `flag` and the file when it is of another kind or does not fit its own config."""
     files = resolve_weight_files(path, flag, subfolder=spec.subfolder)
     infos = read_headers(files, flag)
     rename = spec.rename(infos)
@@ -93,7 +104,13 @@ def load_encoder(spec: EncoderSpec, path: str | os.PathLike, flag: str) -> PreTr
         raise WeightFileError(
             f"{flag} {path}: tensors do not fit the model built from its config ({problem}); expected {spec.expected}"
         )
-    dtype = torch.float16 if folder is not None else None
-    state = load_state_dict(files, dtype=dtype, key_filter=lambda k: k in keep)
-    model.load_state_dict({keep[k]: v for k, v in state.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return EncoderPlan(files, keep, model, torch.float16 if folder is not None else None)
+
+
+def load_encoder(spec: EncoderSpec, path: str | os.PathLike, flag: str) -> PreTrainedModel:
+    """Load one encoder on the CPU in eval mode: files keep their dtype, a snapshot folder loads as float16."""
+    plan = plan_encoder(spec, path, flag)
+    logger.info("Loading %s from %s", spec.name, path)
+    state = load_state_dict(plan.files, dtype=plan.dtype, key_filter=lambda k: k in plan.keep, flag=flag)
+    plan.model.load_state_dict({plan.keep[k]: v for k, v in state.items()}, strict=True, assign=True)
+    return plan.model.eval().requires_grad_(False)

@@ -43,7 +43,7 @@ from networks.lora import ALPHA_KEY, DOWN_KEY, LORA_PREFIX, UP_KEY
 from networks.lora_framepack import module_path
 from utils.checkpoint_kinds import identify_checkpoint
 from utils.cli import UserError, one_line
-from utils.safetensors_utils import load_state_dict, read_header, save_safetensors
+from utils.safetensors_utils import load_safetensors, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,9 @@ class ConvertedLora:
 
 def load_lora_file(path: str, flag: str = "--lora_weight") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header metadata) of a `.safetensors` LoRA; other extensions are read with torch.load. A file that
-    is not what its extension says (text, truncated, a foreign pickle) is a LoraFormatError naming `flag`."""
+    is not what its extension says (text, truncated, a foreign pickle) is refused naming `flag`."""
     if os.path.splitext(str(path))[1] == ".safetensors":
-        metadata = read_header(path, flag)[1]  # refuses truncated and non-safetensors files first
-        return load_state_dict(str(path)), metadata
+        return load_safetensors(path, flag)  # a WeightFileError for truncated and non-safetensors files
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -37,9 +37,10 @@ from hunyuan_model.latent_preview import preview_path, write_preview
 from networks.lora_switch import LoraSet, lora_set
 from pipelines.extend_input import ExtendSource, ExtendVideoError, frames_to_pixels, read_extend_source
 from pipelines.flags import compile_settings, step_cache_settings
-from pipelines.generate_args import apply_prompt_line, build_parser, parse_prompt_line, validate_args
+from pipelines.generate_args import apply_prompt_line, build_parser, line_flag, parse_prompt_line, validate_args
 from pipelines.latent_file import latent_metadata, load_latent, save_latent
 from pipelines.models import ModelCache, dit_dtype, model_loras
+from pipelines.preflight import check_images_readable, check_loras_fit, check_model_files, prepare_save_path
 from pipelines.prompt_line import PromptLineError, read_prompt_file
 from pipelines.run_metadata import (
     FRAMES_KEY,
@@ -56,7 +57,7 @@ from pipelines.run_metadata import (
     settings_to_metadata,
 )
 from pipelines.settings import GenerationSettings, ModelSettings, lora_multipliers
-from utils.cli import entry_point
+from utils.cli import entry_point, on_forced_interrupt, set_interrupt_watchdog_armed
 from utils.distributed import SINGLE_PROCESS, Processes, launched_processes, launched_rank, start_processes
 from utils.video_io import save_images, save_video, to_uint8_frames
 
@@ -399,8 +400,34 @@ def _unique(path: str) -> str:
         n += count
 
 
+def remove_temporary_files(folder: str) -> None:
+    """Remove the temporary files this process was writing in `folder` and its sub-folders (an output half
+    written when the process is ended); every writer names them `<name>.tmp<pid>...`."""
+    marker = f".tmp{os.getpid()}"
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if marker in name:
+                os.remove(os.path.join(root, name))
+
+
 def time_flag_now() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def save_images_whole(frames: np.ndarray, folder: str, name: str, metadata: dict[str, str] | None) -> list[str]:
+    """`save_images`, except that an interruption removes the frames already written (and the folder it made):
+    a frame folder is either complete or absent."""
+    made = not os.path.isdir(folder)
+    before = set(os.listdir(folder)) if not made else set()
+    try:
+        return save_images(frames, folder, name, metadata)
+    except BaseException:
+        if os.path.isdir(folder):
+            for entry in set(os.listdir(folder)) - before:
+                os.remove(os.path.join(folder, entry))
+            if made and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
 
 
 def save_outputs(
@@ -432,7 +459,7 @@ def save_outputs(
         written.append(save_video(frames, _unique(os.path.join(s.save_path, f"{name}.mp4")), s.fps, meta))
     if s.output_type in ("images", "latent_images") or (s.one_frame and s.output_type in ("video", "both")):
         folder = s.save_path if s.one_frame else _unique(os.path.join(s.save_path, name))
-        written += save_images(frames, folder, name, meta)
+        written += save_images_whole(frames, folder, name, meta)
     for path in written:
         logger.info(f"saved {path}")
     return written
@@ -586,9 +613,11 @@ LINE_ERRORS = (PromptLineError, ValueError, FileNotFoundError)
 
 
 def line_settings(base: GenerationSettings, line: str) -> GenerationSettings:
+    """The settings of one prompt line, checked as far as that is possible without a model (images decoded)."""
     settings = apply_prompt_line(base, parse_prompt_line(line))
     if not (settings.image_path or settings.extend_video):
         raise PromptLineError("no start image: give --i (or --ev) on the line or --image_path on the command line")
+    check_images_readable(settings, line_flag)
     return settings
 
 
@@ -599,15 +628,51 @@ def run_line(
     return run_one(line_settings(base, line), models, device, done)
 
 
-def batch_lora_sets(base: GenerationSettings, models: ModelSettings, lines: list[tuple[int, str]]):
+def batch_lora_sets(models: ModelSettings, lines: list[GenerationSettings]) -> list[LoraSet] | None:
     """The LoRA sets of a prompt file's lines when they differ (switching needed), else None (merge once)."""
-    sets = {model_loras(models)}
-    for _, line in lines:
-        try:
-            sets.add(generation_loras(line_settings(base, line), models))
-        except LINE_ERRORS:
-            continue  # reported when the line runs
+    sets = {model_loras(models)} | {generation_loras(settings, models) for settings in lines}
     return sorted(sets, key=str) if len(sets) > 1 else None
+
+
+@dataclass
+class PromptFile:
+    """A prompt file read and every line checked up front: the settings of each good line, the error of each bad
+    one, by line number in file order."""
+
+    path: str
+    lines: list[tuple[int, str]]
+    good: dict[int, GenerationSettings]
+    bad: dict[int, str]
+
+    @classmethod
+    def read(cls, base: GenerationSettings, path: str) -> PromptFile:
+        try:
+            lines = read_prompt_file(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise PromptLineError(f"--from_file {path}: cannot read the prompt file ({e})") from None
+        if not lines:
+            raise PromptLineError(f"--from_file {path}: no prompt lines (only blank lines and # comments)")
+        good, bad = {}, {}
+        for number, line in lines:
+            try:
+                good[number] = line_settings(base, line)
+            except LINE_ERRORS as e:
+                bad[number] = str(e)
+        if not good:
+            problems = "; ".join(f"line {number}: {error}" for number, error in bad.items())
+            raise PromptLineError(f"--from_file {path}: no line can run ({problems})")
+        return cls(path, lines, good, bad)
+
+    def report(self) -> None:
+        """Log each bad line with its number, and which lines will run."""
+        for number, error in self.bad.items():
+            logger.error(f"{self.path}:{number}: {error}")
+        if self.bad:
+            logger.warning(
+                f"{self.path}: {len(self.bad)} of {len(self.lines)} line(s) cannot run (line "
+                f"{', '.join(map(str, self.bad))}); rendering the other {len(self.good)} "
+                f"(line {', '.join(map(str, self.good))})"
+            )
 
 
 def run_batch(
@@ -618,17 +683,26 @@ def run_batch(
     skip_done: bool = False,
     processes: Processes = SINGLE_PROCESS,
 ) -> int:
-    """Every prompt line in turn with models loaded once; a bad line is reported and the others still run. Among
+    """Every prompt line in turn with models loaded once. Every line is checked before any model loads: a file
+    without a runnable line is an error; a bad line is reported and the others still run (exit status 1). Among
     several processes, prompt i of the file goes to process i mod N; the main process reports the failed lines of
     all, and every process exits 1 if any line failed."""
-    lines = read_prompt_file(prompt_file)
-    models.lora_sets = batch_lora_sets(base, models.settings, lines)
+    prompts = PromptFile.read(base, prompt_file)
+    if processes.is_main:
+        prompts.report()
+    line_loras = [("--lw", generation_loras(settings, models.settings)) for settings in prompts.good.values()]
+    check_loras_fit(models.settings, [("--lora_weight", model_loras(models.settings)), *line_loras])
+
+    models.lora_sets = batch_lora_sets(models.settings, list(prompts.good.values()))
     done = FinishedJobs.scan(base.save_path) if skip_done else None
-    failed = []
-    for index, (number, line) in processes.share(list(enumerate(lines, start=1))):
+    lines, failed = prompts.lines, []
+    for index, (number, _) in processes.share(list(enumerate(lines, start=1))):
+        if number in prompts.bad:
+            failed.append(number)
+            continue
         logger.info(f"prompt {index}/{len(lines)} (line {number} of {prompt_file})")
         try:
-            run_line(base, line, models, device, done)
+            run_one(prompts.good[number], models, device, done)
         except LINE_ERRORS as e:
             logger.error(f"{prompt_file}:{number}: {e}")
             failed.append(number)
@@ -729,8 +803,22 @@ def main(argv: list[str] | None = None) -> int:
         except CompileUnavailableError as e:
             parser.error(str(e))
     settings = GenerationSettings.from_args(args)
+    model_settings = ModelSettings.from_args(args)
+    generating = not args.latent_path
+    check_model_files(model_settings, generating=generating, decoding=bool(args.vae))
+    if generating:
+        check_images_readable(settings)
+        if not args.from_file:
+            check_loras_fit(model_settings, [("--lora_weight", model_loras(model_settings))])
+    if args.latent_path:
+        for path in args.latent_path:  # every file checked before the first is decoded
+            load_latent(path)
+    prepare_save_path(settings.save_path)
+    on_forced_interrupt(functools.partial(remove_temporary_files, settings.save_path))
+    if args.interactive:
+        set_interrupt_watchdog_armed(False)  # Ctrl-C skips the current prompt there
     keep = bool(args.latent_path or args.from_file or args.interactive) or len(line_seeds(settings)) > 1
-    models = ModelCache(ModelSettings.from_args(args), device, keep=keep)
+    models = ModelCache(model_settings, device, keep=keep)
     if args.latent_path:
         return run_decode_only(settings, models, args.latent_path, processes)
     if args.from_file:

@@ -7,8 +7,12 @@ message names the flag at fault.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import os
+import re
+from collections.abc import Callable
 
 from frame_pack.attention import ATTN_MODES
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
@@ -36,7 +40,8 @@ from pipelines.flags import (
 )
 from pipelines.prompt_line import LineOption, PromptLineError, parse_line_options
 from pipelines.settings import GenerationSettings, ModelSettings
-from utils.cli import ArgumentParser, HelpFormatter, add_debug_flag, check_positive
+from utils.cli import ArgumentParser, HelpFormatter, UsageError, add_debug_flag, check_positive
+from utils.device import check_device
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
 
@@ -349,13 +354,120 @@ def validate_args(args: argparse.Namespace) -> None:
     check_positive("--prompt_blend_sections", args.prompt_blend_sections, allow_zero=True)
     for flag in ("image_path", "end_image_path", "from_file"):
         check_image_spec(getattr(args, flag), f"--{flag}")
+    check_finite(vars(args))
+    check_patterns(args)
+    check_device(args.device)
     settings = GenerationSettings.from_args(args)
+    check_run_values(settings)
     check_prompt_times(settings, "--prompt")
     check_extension(settings, "--extend_video", lines_may_extend=bool(args.from_file or args.interactive))
     for flag in ("control_image_path", "control_image_mask_path", "latent_path", "lora_weight"):
         for value in getattr(args, flag) or []:
             if not os.path.exists(value):
                 raise ValueError(f"--{flag} {value}: file not found")
+
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def command_line_flag(field: str) -> str:
+    return f"--{field}"
+
+
+def line_flag(field: str) -> str:
+    """The inline option of a prompt line that sets `field` (the command-line flag when the line has none)."""
+    return next((f"--{name}" for name, option in INLINE_OPTIONS.items() if option.field == field), f"--{field}")
+
+
+def check_finite(values: dict[str, object], flag_of: Callable[[str], str] = command_line_flag) -> None:
+    """Every float among `values` (name -> value or list of values) is finite: argparse and the prompt-line options
+    take "nan" and "inf" as floats."""
+    for name, value in values.items():
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise UsageError(f"{flag_of(name)} {number}: must be a finite number")
+
+
+def check_patterns(args: argparse.Namespace) -> None:
+    """--include_patterns / --exclude_patterns are regular expressions: each must compile."""
+    for flag in ("include_patterns", "exclude_patterns"):
+        for pattern in getattr(args, flag) or []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"--{flag} {pattern!r}: not a valid regular expression ({e})") from None
+
+
+def check_run_values(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:
+    """What needs the run's context: seeds in range, latent paddings against the section count, one-frame indices
+    and masks against the control images given. `flag_of` names the flag (or line option) of a settings field."""
+    check_finite({field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}, flag_of)
+    check_seeds(settings, flag_of)
+    check_latent_paddings(settings, flag_of("latent_paddings"))
+    check_control_images(settings, flag_of)
+
+
+def check_seeds(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:
+    low, high = SEED_RANGE
+    given = [("seed", settings.seed)] if settings.seed is not None else []
+    given += [("seeds", seed) for seed in settings.seeds or ()]
+    for field, seed in given:
+        if not low <= seed <= high:
+            raise UsageError(f"{flag_of(field)} {seed}: a seed is an integer from {low} to {high}")
+    if settings.seed is not None and settings.n_seeds and settings.seed + settings.n_seeds - 1 > high:
+        raise UsageError(f"{flag_of('n_seeds')} {settings.n_seeds}: seeds from {settings.seed} pass {high}")
+
+
+def check_latent_paddings(settings: GenerationSettings, flag: str = "--latent_paddings") -> None:
+    """Paddings are integers from 0 to max(3, sections - 1) (the default list's largest is 3; a larger one only
+    widens the blank gap before the section). More values than sections: the first ones are used, with a warning,
+    as in musubi-tuner. Ignored in F1 mode."""
+    if settings.latent_paddings is None or settings.f1 or settings.one_frame:
+        return
+    from frame_pack.sections import parse_latent_paddings
+
+    try:
+        paddings = parse_latent_paddings(settings.latent_paddings)
+    except ValueError as e:
+        message = str(e)
+        raise UsageError(message if message.startswith(flag) else f"{flag}: {message}") from None
+    sections = total_sections(settings.video_seconds, settings.latent_window_size, settings.video_sections)
+    limit = max(3, sections - 1)
+    for value in paddings:
+        if value > limit:
+            raise UsageError(f"{flag}: padding {value} is too large for {sections} section(s) (at most {limit})")
+    if len(paddings) > sections:
+        logger.warning(
+            f"{flag}: {len(paddings)} values for {sections} section(s); using the first {sections} "
+            f"({','.join(map(str, paddings[:sections]))}), ignoring the rest"
+        )
+
+
+def check_control_images(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:
+    """Masks pair with control images one to one; one-frame indices address the clean latents the run has."""
+    from frame_pack.sections import one_frame_clean_count, parse_one_frame_options
+
+    controls, masks = settings.control_image_path or (), settings.control_image_mask_path or ()
+    mask_flag, control_flag = flag_of("control_image_mask_path"), flag_of("control_image_path")
+    if masks and not controls:
+        raise UsageError(f"{mask_flag}: masks given without control images ({control_flag})")
+    if len(masks) > len(controls):
+        raise UsageError(f"{mask_flag}: {len(masks)} masks for {len(controls)} control image(s) ({control_flag})")
+    if not settings.one_frame:
+        return
+    flag = flag_of("one_frame_inference")
+    options = parse_one_frame_options(settings.one_frame_inference)
+    if options.target_index is not None and options.target_index < 0:
+        raise UsageError(f"{flag}: target_index={options.target_index} must be >= 0")
+    if any(index < 0 for index in options.control_indices):
+        raise UsageError(f"{flag}: control_index values must be >= 0")
+    slots = one_frame_clean_count(len(controls), options)
+    if len(options.control_indices) > slots:
+        post = "" if options.no_post else " + the post latent"
+        raise UsageError(
+            f"{flag}: control_index gives {len(options.control_indices)} indices for {slots} clean latent(s) "
+            f"({len(controls)} control image(s) from {control_flag}{post})"
+        )
 
 
 def check_image_spec(value: str | None, flag: str) -> None:
@@ -451,6 +563,9 @@ NO_LORA = "none"  # `--lw none`: this line without LoRAs
 def parse_prompt_line(line: str) -> dict:
     """`prompt --w 832 --h 480 --d 42 ...` -> {'prompt': ..., option: value}. Unknown options are errors."""
     prompt, values = parse_line_options(line, INLINE_OPTIONS, strict=True)
+    if prompt.startswith("--"):
+        option = prompt.split()[0]
+        raise PromptLineError(f"the line starts with an option ({option}), not a prompt: put the prompt text first")
     if not prompt:
         raise PromptLineError("empty prompt")
     return {"prompt": prompt, **values}
@@ -495,6 +610,7 @@ def apply_prompt_line(base: GenerationSettings, parsed: dict) -> GenerationSetti
                 check_image_spec(path, flag)
         check_prompt_times(settings, "prompt")
         check_extension(settings, "--ev")
+        check_run_values(settings, line_flag)
     except ValueError as e:
         raise PromptLineError(str(e)) from None
     try:

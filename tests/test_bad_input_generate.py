@@ -5,12 +5,24 @@ real entry script as subprocesses on the tiny factory models.
 """
 
 import json
+import os
+import re
+import shlex
+import signal
 import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from pipelines.latent_file import load_latent, save_latent
+from utils.cli import UsageError
 from utils.safetensors_utils import (
     WeightFileError,
     load_safetensors,
@@ -94,3 +106,330 @@ def test_a_latent_without_the_latent_key_or_of_the_wrong_shape_is_refused(tmp_pa
     save_latent(torch.ones(16, 1, 2, 2), str(tmp_path / "c.safetensors"), {"k": "v"})
     latent, meta = load_latent(str(tmp_path / "c.safetensors"))
     assert torch.equal(latent, torch.ones(16, 1, 2, 2)) and meta == {"k": "v"}
+
+
+# ---- through the entry script ------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the loaders log when a model or tokenizer starts loading (none of it may appear for a refused input).
+LOADING = re.compile(r"Loading |Loaded |DiT from |VAE from |models: ")
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: extra flags (`{name}` fields filled from the fixture's files) and what the error must name."""
+
+    flags: str
+    names: tuple[str, ...]
+    before_loading: bool = True
+
+
+def start_image(path):
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(path)
+    return path
+
+
+def truncated_copy(source, target, keep: float = 0.5):
+    data = Path(source).read_bytes()
+    Path(target).write_bytes(data[: int(len(data) * keep)])
+    return target
+
+
+@pytest.fixture(scope="module")
+def bad_files(models, tmp_path_factory):
+    """Damaged and foreign files for every slot, plus a sound start image and control images."""
+    from tests.factory.dit import tiny_dit_config
+    from tests.factory.lora import framepack_lora
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "notes.txt").write_text("a text file, not weights\n")
+    (d / "notes.mp4").write_text("a text file, not a video\n")
+    (d / "notes.png").write_text("a text file, not an image\n")
+    (d / "malformed.safetensors").write_bytes(packed({"w": {"dtype": "F32", "data_offsets": [0, 4]}}, b"\0" * 4))
+    (d / "huge_header.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    truncated_copy(models.dit, d / "dit_truncated.safetensors")
+    truncated_copy(models.text_encoder2, d / "clip_truncated.safetensors", keep=0.9)
+    index_folder = d / "vae_bad_index"
+    index_folder.mkdir()
+    save_safetensors({"w": torch.zeros(2)}, index_folder / "diffusion_pytorch_model-00001-of-00001.safetensors")
+    (index_folder / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {"w": ')
+    config = tiny_dit_config()
+    save_safetensors(framepack_lora(config), d / "lora.safetensors")
+    truncated_copy(d / "lora.safetensors", d / "lora_truncated.safetensors")
+    wider = tiny_dit_config(attention_head_dim=2 * config.attention_head_dim)
+    save_safetensors(framepack_lora(wider), d / "lora_other_dit.safetensors")
+    save_latent(torch.zeros(16, 2, 4, 6), str(d / "latent.safetensors"), None)
+    truncated_copy(d / "latent.safetensors", d / "latent_truncated.safetensors", keep=0.8)
+    start_image(d / "start.png")
+    start_image(d / "control.png")
+    start_image(d / "mask.png")
+    (d / "a_file").write_text("not a folder\n")
+    (d / "comments.txt").write_text("# only a comment\n\n   # and another\n")
+    (d / "bad_lines.txt").write_text(
+        f"# header\na cat --d 99999999999999999999999 --i {d / 'start.png'}\n--d 14 a dog --i {d / 'start.png'}\n"
+        f"a bird --zz 3 --i {d / 'start.png'}\n"
+    )
+    return d
+
+
+BAD = {
+    # model files
+    "dit is a VAE": Bad("--dit {vae}", ("--dit", "{vae}")),
+    "dit is a text file": Bad("--dit {d}/notes.txt", ("--dit", "notes.txt")),
+    "dit truncated": Bad("--dit {d}/dit_truncated.safetensors", ("--dit", "truncated")),
+    "dit missing": Bad("--dit {d}/missing.safetensors", ("--dit", "missing.safetensors")),
+    "vae is the DiT": Bad("--vae {dit}", ("--vae", "{dit}")),
+    "vae with corrupted shard index": Bad("--vae {d}/vae_bad_index", ("--vae", "index.json")),
+    "text_encoder1 is a text file": Bad("--text_encoder1 {d}/notes.txt", ("--text_encoder1", "notes.txt")),
+    "text_encoder1 malformed header": Bad(
+        "--text_encoder1 {d}/malformed.safetensors", ("--text_encoder1", "malformed")
+    ),
+    "text_encoder2 is the DiT": Bad("--text_encoder2 {dit}", ("--text_encoder2", "{dit}")),
+    "text_encoder2 truncated": Bad("--text_encoder2 {d}/clip_truncated.safetensors", ("--text_encoder2", "truncated")),
+    "image_encoder is CLIP": Bad("--image_encoder {text_encoder2}", ("--image_encoder", "{text_encoder2}")),
+    "image_encoder header too large": Bad(
+        "--image_encoder {d}/huge_header.safetensors", ("--image_encoder", "huge_header")
+    ),
+    "lora is a text file": Bad("--lora_weight {d}/notes.txt", ("--lora_weight", "notes.txt")),
+    "lora truncated": Bad("--lora_weight {d}/lora_truncated.safetensors", ("--lora_weight", "truncated")),
+    "lora is a VAE": Bad("--lora_weight {vae_file}", ("--lora_weight",)),
+    "lora of another DiT": Bad("--lora_weight {d}/lora_other_dit.safetensors", ("--lora_weight", "lora_other_dit")),
+    "latent_path is a text file": Bad("--latent_path {d}/notes.txt", ("--latent_path", "notes.txt")),
+    "latent_path truncated": Bad("--latent_path {d}/latent_truncated.safetensors", ("--latent_path", "truncated")),
+    "extend_video is a text file": Bad("--extend_video {d}/notes.mp4", ("--extend_video", "notes.mp4")),
+    "from_metadata is a text file": Bad("--from_metadata {d}/notes.txt", ("--from_metadata", "notes.txt")),
+    "image_path is a text file": Bad("--image_path {d}/notes.png", ("--image_path", "notes.png")),
+    "end_image_path is a text file": Bad("--end_image_path {d}/notes.png", ("--end_image_path", "notes.png")),
+    # outputs and device
+    "save_path is a file": Bad("--save_path {d}/a_file", ("--save_path", "a_file")),
+    "save_path under a file": Bad("--save_path {d}/a_file/out", ("--save_path", "a_file")),
+    "device without CUDA": Bad("--device cuda:99", ("--device", "cuda:99")),
+    "device unknown": Bad("--device gpu0", ("--device", "gpu0")),
+    # numbers
+    "seed too large": Bad("--seed 99999999999999999999999", ("--seed",)),
+    "seed negative": Bad("--seed -3", ("--seed",)),
+    "seeds too large": Bad("--seeds 1,99999999999999999999999", ("--seeds",)),
+    "guidance_scale nan": Bad("--guidance_scale nan", ("--guidance_scale", "nan")),
+    "embedded_cfg_scale inf": Bad("--embedded_cfg_scale inf", ("--embedded_cfg_scale", "inf")),
+    "guidance_rescale nan": Bad("--guidance_rescale nan", ("--guidance_rescale",)),
+    "lora_multiplier nan": Bad("--lora_weight {d}/lora.safetensors --lora_multiplier nan", ("--lora_multiplier",)),
+    "one huge padding": Bad("--latent_paddings 100000000", ("--latent_paddings", "100000000")),
+    "ten paddings, one huge": Bad("--latent_paddings 1,0,1,1000000,0,0,0,0,0,0", ("--latent_paddings", "1000000")),
+    "padding not a number": Bad("--latent_paddings 1,x", ("--latent_paddings", "x")),
+    # one-frame inputs
+    "control_index beyond the control images": Bad(
+        "--one_frame_inference target_index=1,control_index=0;5;9 --control_image_path {d}/control.png",
+        ("control_index", "--control_image_path"),
+    ),
+    "more masks than control images": Bad(
+        "--one_frame_inference target_index=1 --control_image_path {d}/control.png "
+        "--control_image_mask_path {d}/mask.png {d}/mask.png",
+        ("--control_image_mask_path",),
+    ),
+    "masks without control images": Bad(
+        "--one_frame_inference target_index=1 --control_image_mask_path {d}/mask.png", ("--control_image_mask_path",)
+    ),
+    "negative target_index": Bad("--one_frame_inference target_index=-5", ("target_index",)),
+    # LoRA patterns
+    "include_patterns bad regex": Bad(
+        "--lora_weight {d}/lora.safetensors --include_patterns ([", ("--include_patterns",)
+    ),
+    "exclude_patterns bad regex": Bad(
+        "--lora_weight {d}/lora.safetensors --exclude_patterns *x", ("--exclude_patterns",)
+    ),
+    # prompt files
+    "prompt file of comments only": Bad("--from_file {d}/comments.txt", ("--from_file", "comments.txt")),
+    "prompt file with bad lines": Bad("--from_file {d}/bad_lines.txt", ("bad_lines.txt", "line 2", "line 3", "line 4")),
+}
+
+
+def bad_argv(models, bad_files, out, case: Bad) -> list[str]:
+    fields = {"d": bad_files, "vae_file": next(Path(models.vae).rglob("*.safetensors"))}
+    fields |= {name: getattr(models, name) for name in ("dit", "vae", "text_encoder1", "text_encoder2")}
+    extra = shlex.split(case.flags.format(**fields))
+    base = [
+        *models.flags(), "--image_path", str(bad_files / "start.png"), "--prompt", "a red box",
+        "--video_size", "32", "48", "--latent_window_size", "3", "--infer_steps", "1", "--video_sections", "2",
+        "--save_path", str(out), "--device", "cpu",
+    ]  # fmt: skip
+    if "--from_file" in extra or "--latent_path" in extra:
+        base.remove("--prompt"), base.remove("a red box")
+    return [sys.executable, "fpack_generate_video.py", *base, *extra]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(models, bad_files, tmp_path_factory):
+    """Every case of BAD run as its own process, three at a time: case -> (CompletedProcess, output folder)."""
+    root = tmp_path_factory.mktemp("outputs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("FPACK_DEBUG", None)
+
+    def run(item):
+        name, case = item
+        out = root / re.sub(r"\W+", "_", name)
+        cmd = bad_argv(models, bad_files, out, case)
+        return name, (subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300), out)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(run, BAD.items()))
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_one_error_line_before_any_model_loads_and_writes_nothing(models, bad_files, bad_runs, name):
+    case, (result, out) = BAD[name], bad_runs[name]
+    fields = {"d": bad_files} | {n: getattr(models, n) for n in ("dit", "vae", "text_encoder1", "text_encoder2")}
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for word in case.names:
+        assert word.format(**fields) in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+    if case.before_loading:
+        assert not LOADING.search(result.stderr), result.stderr[-3000:]
+    leftovers = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
+    assert leftovers == []
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+
+def interrupt_when(cmd: list[str], pattern: str, env: dict | None = None) -> tuple[int, str, float]:
+    """Start `cmd`, send SIGINT as soon as a stderr line matches `pattern` -> (exit status, stderr, seconds from
+    the signal to the exit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env.pop("FPACK_DEBUG", None)
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    lines, sent = [], None
+    for line in process.stderr:
+        lines.append(line)
+        if sent is None and re.search(pattern, line):
+            process.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+    code = process.wait(timeout=120)
+    assert sent is not None, "".join(lines)[-3000:]
+    return code, "".join(lines), time.monotonic() - sent
+
+
+def assert_interrupted(code: int, stderr: str, seconds: float) -> None:
+    assert code == 130, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "interrupted" and stderr.count("interrupted\n") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    assert seconds < 10, seconds  # about a second on an idle machine: the exit skips the interpreter teardown
+
+
+def generation(models, bad_files, out, *extra) -> list[str]:
+    return [
+        sys.executable, "fpack_generate_video.py", *models.flags(), "--video_size", "32", "48",
+        "--latent_window_size", "3", "--video_sections", "1", "--save_path", str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("phase, pattern", [("loading", r"Loading text encoder 1"), ("sampling", r"section 1/1")])
+def test_ctrl_c_stops_at_once_with_one_line_and_leaves_no_output(models, bad_files, tmp_path, phase, pattern):
+    out = tmp_path / "out"
+    cmd = generation(models, bad_files, out, "--image_path", str(bad_files / "start.png"), "--prompt", "a red box",
+                     "--infer_steps", "400", "--output_type", "both")  # fmt: skip
+    assert_interrupted(*interrupt_when(cmd, pattern))
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_ctrl_c_in_a_prompt_file_keeps_the_finished_lines_and_drops_the_interrupted_one(models, bad_files, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    start = bad_files / "start.png"
+    prompts.write_text(f"first --i {start} --d 1 --s 1\nsecond --i {start} --d 2 --s 400\n")
+    out = tmp_path / "out"
+    cmd = generation(models, bad_files, out, "--from_file", str(prompts), "--output_type", "latent_images")
+    code, stderr, seconds = interrupt_when(cmd, r"prompt 2/2")
+    assert_interrupted(code, stderr, seconds)
+    latents = sorted(out.glob("*.safetensors"))
+    assert [load_latent(str(p))[1]["prompt"] for p in latents] == ["first"]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert folder.name.endswith("_1_") and len(list(folder.glob("*.png"))) == 13  # 4·3 + 1 frames of line 1
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_swallowed_ctrl_c_still_ends_the_script_within_the_grace(tmp_path):
+    """A KeyboardInterrupt dropped by a library (here: caught and ignored) is ended by the watchdog; its cleanups
+    run first."""
+    leftover = tmp_path / "half.tmp"
+    program = (
+        "import sys, time\n"
+        "from utils.cli import on_forced_interrupt, script_main\n"
+        "def main():\n"
+        f"    open({str(leftover)!r}, 'w').close()\n"
+        f"    on_forced_interrupt(lambda: __import__('os').remove({str(leftover)!r}))\n"
+        "    print('working', file=sys.stderr, flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(0.01)\n"
+        "        except KeyboardInterrupt:\n"
+        "            pass\n"
+        "script_main(main, interrupt_grace_s=1.0)()\n"
+    )
+    code, stderr, seconds = interrupt_when([sys.executable, "-c", program], "working", {"PYTHONPATH": ROOT})
+    assert_interrupted(code, stderr, seconds)
+    assert seconds >= 1.0 and not leftover.exists()
+
+
+# ---- checks that need the run's context, in process ----------------------------------------------------------------
+
+
+def test_paddings_beyond_the_sections_are_warned_about_and_bounded_by_the_section_count(caplog):
+    from pipelines.generate_args import check_latent_paddings
+    from pipelines.settings import GenerationSettings
+
+    two = GenerationSettings(video_sections=2, latent_paddings="1,0,1,2,0,0,0,0,0,0")
+    with caplog.at_level("WARNING"):
+        check_latent_paddings(two)
+    assert "10 values for 2 section(s); using the first 2 (1,0)" in caplog.text
+    check_latent_paddings(GenerationSettings(video_sections=9, latent_paddings="8,0"))  # max(3, 9 - 1) = 8
+    for settings in (GenerationSettings(video_sections=9, latent_paddings="9"),
+                     GenerationSettings(video_sections=2, latent_paddings="4")):  # fmt: skip
+        with pytest.raises(UsageError, match="too large"):
+            check_latent_paddings(settings)
+    check_latent_paddings(GenerationSettings(video_sections=2, latent_paddings="100000000", f1=True))  # unused in F1
+
+
+def test_control_index_and_masks_are_checked_against_the_control_images():
+    from pipelines.generate_args import check_control_images, line_flag
+    from pipelines.settings import GenerationSettings
+
+    one = ("c.png",)
+    check_control_images(GenerationSettings(one_frame_inference="control_index=0;10", control_image_path=one))
+    check_control_images(GenerationSettings(one_frame_inference="control_index=0;5,no_post",
+                                            control_image_path=("a.png", "b.png"),
+                                            control_image_mask_path=("m.png",)))  # fmt: skip
+    with pytest.raises(UsageError, match="3 indices for 2 clean latent"):
+        check_control_images(GenerationSettings(one_frame_inference="control_index=0;1;2", control_image_path=one))
+    with pytest.raises(UsageError, match="2 indices for 1 clean latent"):
+        check_control_images(
+            GenerationSettings(one_frame_inference="control_index=0;1,no_post", control_image_path=one)
+        )
+    with pytest.raises(UsageError, match=r"^--cim: masks given without control images \(--ci\)"):
+        check_control_images(GenerationSettings(control_image_mask_path=("m.png",)), line_flag)
+
+
+def test_seeds_must_fit_the_generator():
+    from pipelines.generate_args import check_seeds, line_flag
+    from pipelines.settings import GenerationSettings
+
+    check_seeds(GenerationSettings(seed=2**64 - 1))
+    check_seeds(GenerationSettings(seed=0, n_seeds=3))
+    for settings, flag in ((GenerationSettings(seed=2**64), "--d"), (GenerationSettings(seed=-1), "--d"),
+                           (GenerationSettings(seeds=(1, 2**70)), "--seeds"),
+                           (GenerationSettings(seed=2**64 - 2, n_seeds=3), "--n_seeds")):  # fmt: skip
+        with pytest.raises(UsageError, match=f"^{flag} "):
+            check_seeds(settings, line_flag)
+
+
+@pytest.mark.parametrize("line, message", [("--d 14 a cat", "starts with an option (--d)"),
+                                           ("a cat --g nan", "--g nan: must be a finite number"),
+                                           ("a cat --d -2", "--d -2: a seed is an integer")])  # fmt: skip
+def test_prompt_lines_are_refused_with_what_is_wrong(tmp_path, line, message):
+    from pipelines.generate_args import apply_prompt_line, parse_prompt_line
+    from pipelines.prompt_line import PromptLineError
+    from pipelines.settings import GenerationSettings
+
+    with pytest.raises(PromptLineError) as err:
+        apply_prompt_line(GenerationSettings(), parse_prompt_line(line))
+    assert message in str(err.value)

@@ -168,14 +168,17 @@ def test_every_bad_input_is_refused_naming_the_file_before_any_model_loads(model
         assert f"--extend_video {path}" in err and message in err, err
 
 
-def test_bad_inline_ev_fails_its_line_only(models, tmp_path, monkeypatch, caplog):
+def test_bad_inline_ev_fails_its_line_only(models, tmp_path, monkeypatch, capsys):
     no_model_loads(monkeypatch)
     still = save_latent(torch.zeros(16, 1, 4, 6), str(tmp_path / "still.safetensors"), None)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"a cat --ev {still}\n[0s: a] [0.5s: b] [0.7s: c] --ev {still}\n")
-    assert run(models, tmp_path / "out", "--from_file", str(prompts), check=False) == 1
-    assert f"prompts.txt:1: --ev {still}" in caplog.text
-    assert "prompts.txt:2: prompt: timed prompt token '[0.5s: b]'" in caplog.text
+    with pytest.raises(SystemExit) as info:  # no line of the file can run: refused before any model loads
+        run(models, tmp_path / "out", "--from_file", str(prompts), check=False)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"line 1: --ev {still}" in err
+    assert "line 2: prompt: timed prompt token '[0.5s: b]'" in err
 
 
 def test_flag_checks(models, tmp_path, capsys):

@@ -14,7 +14,10 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -150,5 +153,79 @@ def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
                 traceback.print_exc()
             print("interrupted", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_INTERRUPTED) from None
+
+    return run
+
+
+class InterruptWatchdog:
+    """Ends the process when a Ctrl-C has not ended it within `grace_s` seconds.
+
+    Python turns SIGINT into a KeyboardInterrupt only when the main thread next runs Python code, and a
+    KeyboardInterrupt raised inside a finalizer or a library callback is printed as "Exception ignored in ..." and
+    dropped, after which the program runs on. The signal is also written to a pipe (signal.set_wakeup_fd) that a
+    thread waits on, so the watchdog sees it at once whatever the main thread is doing; when the grace runs out it
+    calls the registered cleanups (e.g. removing this process's temporary files), prints `interrupted` and exits
+    with status 130. `armed` False (an interactive prompt that treats Ctrl-C as "skip this prompt") lets a Ctrl-C
+    pass without ending the process."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.armed = True
+        self.cleanups: list[Callable[[], None]] = []
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="interrupt-watchdog").start()
+
+    def _watch(self, read_fd: int) -> None:
+        while True:
+            if signal.SIGINT in os.read(read_fd, 64) and self.armed:
+                time.sleep(self.grace_s)
+                if self.armed:
+                    break
+        for cleanup in self.cleanups:
+            try:
+                cleanup()
+            except OSError:
+                pass
+        print("interrupted", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+
+interrupt_watchdog: InterruptWatchdog | None = None
+
+
+def on_forced_interrupt(cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` when the interrupt watchdog ends the process (nothing happens without a watchdog)."""
+    if interrupt_watchdog is not None:
+        interrupt_watchdog.cleanups.append(cleanup)
+
+
+def set_interrupt_watchdog_armed(armed: bool) -> None:
+    if interrupt_watchdog is not None:
+        interrupt_watchdog.armed = armed
+
+
+def script_main(main: Callable[[], int], interrupt_grace_s: float | None = None) -> Callable[[], int]:
+    """The `main` of an entry script (and of its console command): runs `main()` and returns its status.
+
+    An input error (2) or an interruption (130) leaves through os._exit once the output is flushed: the
+    interpreter's teardown of torch and transformers takes seconds, and a Ctrl-C should stop the script at once.
+    With `interrupt_grace_s` an InterruptWatchdog ends a run that a Ctrl-C did not end within that many seconds."""
+
+    @functools.wraps(main)
+    def run() -> int:
+        global interrupt_watchdog
+        if interrupt_grace_s is not None and interrupt_watchdog is None:
+            interrupt_watchdog = InterruptWatchdog(interrupt_grace_s)
+        try:
+            return main()
+        except SystemExit as e:
+            if e.code in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(e.code)
+            raise
 
     return run

@@ -15,7 +15,7 @@ def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise UsageError(f"{flag} {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -27,6 +27,11 @@ def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"{flag} {name}: unsupported device type {device.type} (use cpu, cuda or mps)")
     return device
+
+
+def check_device(name: str | None, flag: str = "--device") -> None:
+    """Refuse a `--device` this machine does not have (UsageError naming `flag`), before anything is loaded."""
+    resolve_device(name, flag)
 
 
 def clean_memory(device: torch.device) -> None:
