@@ -563,9 +563,6 @@ NO_LORA = "none"  # `--lw none`: this line without LoRAs
 def parse_prompt_line(line: str) -> dict:
     """`prompt --w 832 --h 480 --d 42 ...` -> {'prompt': ..., option: value}. Unknown options are errors."""
     prompt, values = parse_line_options(line, INLINE_OPTIONS, strict=True)
-    if prompt.startswith("--"):
-        option = prompt.split()[0]
-        raise PromptLineError(f"the line starts with an option ({option}), not a prompt: put the prompt text first")
     if not prompt:
         raise PromptLineError("empty prompt")
     return {"prompt": prompt, **values}

@@ -422,7 +422,7 @@ def test_seeds_must_fit_the_generator():
             check_seeds(settings, line_flag)
 
 
-@pytest.mark.parametrize("line, message", [("--d 14 a cat", "starts with an option (--d)"),
+@pytest.mark.parametrize("line, message", [("--d 14 a cat", "starts with the option --d"),
                                            ("a cat --g nan", "--g nan: must be a finite number"),
                                            ("a cat --d -2", "--d -2: a seed is an integer")])  # fmt: skip
 def test_prompt_lines_are_refused_with_what_is_wrong(tmp_path, line, message):
