@@ -123,7 +123,9 @@ def test_lines_with_the_same_loras_do_no_switching_work(models, image, loras, tm
         original = getattr(lora_merge, name)
         monkeypatch.setattr(lora_merge, name, lambda *x, _f=original, _n=name, **k: merges.append(_n) or _f(*x, **k))
     run(models, tmp_path / "out", "--from_file", prompts, "--output_type", "latent", "--lora_weight", a)
-    assert merges == ["plan_lora_merge"]  # merged once, while the DiT streams in; never again
+    # planned once against the DiT's shapes before any model loads (the LoRA-fit check), then merged once while
+    # the DiT streams in; never again
+    assert merges == ["plan_lora_merge", "plan_lora_merge"]
 
 
 def test_previews_after_each_section_hold_the_video_so_far(models, image, tmp_path, monkeypatch):
