@@ -214,12 +214,12 @@ def script_main(main: Callable[[], int], interrupt_grace_s: float | None = None)
     With `interrupt_grace_s` an InterruptWatchdog ends a run that a Ctrl-C did not end within that many seconds."""
 
     @functools.wraps(main)
-    def run() -> int:
+    def run(argv: list[str] | None = None) -> int:
         global interrupt_watchdog
         if interrupt_grace_s is not None and interrupt_watchdog is None:
             interrupt_watchdog = InterruptWatchdog(interrupt_grace_s)
         try:
-            return main()
+            return main() if argv is None else main(argv)
         except SystemExit as e:
             if e.code in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
                 logging.shutdown()
