@@ -646,10 +646,7 @@ class PromptFile:
 
     @classmethod
     def read(cls, base: GenerationSettings, path: str) -> PromptFile:
-        try:
-            lines = read_prompt_file(path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise PromptLineError(f"--from_file {path}: cannot read the prompt file ({e})") from None
+        lines = read_prompt_file(path, "--from_file")
         if not lines:
             raise PromptLineError(f"--from_file {path}: no prompt lines (only blank lines and # comments)")
         good, bad = {}, {}

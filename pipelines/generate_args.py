@@ -18,8 +18,9 @@ from frame_pack.attention import ATTN_MODES
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
 from frame_pack.extend import F1_CONTEXT_FRAMES, ORIGINAL_CONTEXT_FRAMES, resolve_context_frames
 from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
-from frame_pack.sections import total_sections
+from frame_pack.sections import total_sections, video_latent_frames
 from frame_pack.timed_prompts import TimedPromptError, is_timed_prompt, section_prompts
+from hunyuan_model.frame_math import LATENT_CHANNELS, latent_size, pixel_frames
 from hunyuan_model.latent_preview import PREVIEW_FORMATS
 from pipelines.extend_input import check_extend_video
 from pipelines.flags import (
@@ -41,7 +42,7 @@ from pipelines.flags import (
 from pipelines.prompt_line import LineOption, PromptLineError, parse_line_options
 from pipelines.settings import GenerationSettings, ModelSettings
 from utils.cli import ArgumentParser, HelpFormatter, UsageError, add_debug_flag, check_positive
-from utils.device import check_device
+from utils.device import check_device, system_memory_bytes
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
 
@@ -403,8 +404,36 @@ def check_run_values(settings: GenerationSettings, flag_of: Callable[[str], str]
     and masks against the control images given. `flag_of` names the flag (or line option) of a settings field."""
     check_finite({field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}, flag_of)
     check_seeds(settings, flag_of)
+    check_video_length(settings, flag_of)
     check_latent_paddings(settings, flag_of("latent_paddings"))
     check_control_images(settings, flag_of)
+
+
+DECODED_BYTES_PER_VALUE = 2  # the VAE decodes in a 16-bit dtype; the whole video is held before it is written
+
+
+def check_video_length(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:
+    """The video asked for must fit in this machine's memory: decoded (3 values per pixel per frame) or, for
+    --output_type latent, as latents. A typo such as --video_seconds 50000 is refused before anything is
+    allocated, instead of sampling for days and running out of memory at the end."""
+    if settings.one_frame:
+        return
+    sections = total_sections(settings.video_seconds, settings.latent_window_size, settings.video_sections)
+    latents = video_latent_frames(sections, settings.latent_window_size)
+    height, width = settings.video_size
+    if settings.output_type == "latent":
+        h, w = latent_size(height, width)
+        needed, held = latents * LATENT_CHANNELS * h * w * 4, "as float32 latents"
+    else:
+        needed, held = pixel_frames(latents) * 3 * height * width * DECODED_BYTES_PER_VALUE, "decoded"
+    available = system_memory_bytes()
+    if needed > available:
+        field = "video_sections" if settings.video_sections is not None else "video_seconds"
+        raise UsageError(
+            f"{flag_of(field)}: {sections} sections ({pixel_frames(latents)} frames of {width}x{height}) "
+            f"need {needed / 2**30:.1f} GiB {held}, more than this machine's {available / 2**30:.1f} GiB; "
+            "give a shorter video"
+        )
 
 
 def check_seeds(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:

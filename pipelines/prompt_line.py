@@ -73,12 +73,16 @@ def parse_line_options(
     return parts[0].strip(), values
 
 
-def read_prompt_file(path: str) -> list[tuple[int, str]]:
-    """Non-empty, non-comment lines with their 1-based line numbers."""
+def read_prompt_file(path: str, flag: str) -> list[tuple[int, str]]:
+    """Non-empty, non-comment lines with their 1-based line numbers; PromptLineError naming `flag` when the file
+    cannot be read as text."""
     lines = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                lines.append((number, line))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    lines.append((number, line))
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptLineError(f"{flag} {path}: cannot read the prompt file ({e})") from None
     return lines

@@ -167,7 +167,7 @@ def bad_files(models, tmp_path_factory):
     (d / "comments.txt").write_text("# only a comment\n\n   # and another\n")
     (d / "bad_lines.txt").write_text(
         f"# header\na cat --d 99999999999999999999999 --i {d / 'start.png'}\n--d 14 a dog --i {d / 'start.png'}\n"
-        f"a bird --zz 3 --i {d / 'start.png'}\n"
+        f"a bird --zz 3 --i {d / 'start.png'}\na fish --vs 100000000 --i {d / 'start.png'}\n"
     )
     return d
 
@@ -239,7 +239,15 @@ BAD = {
     ),
     # prompt files
     "prompt file of comments only": Bad("--from_file {d}/comments.txt", ("--from_file", "comments.txt")),
-    "prompt file with bad lines": Bad("--from_file {d}/bad_lines.txt", ("bad_lines.txt", "line 2", "line 3", "line 4")),
+    "prompt file with bad lines": Bad(
+        "--from_file {d}/bad_lines.txt", ("bad_lines.txt", "line 2", "line 3", "line 4", "line 5: --vs: 100000000 sec")
+    ),
+    # video lengths beyond this machine's memory (a typo): refused before anything is allocated
+    "video_sections beyond memory": Bad("--video_sections 100000000", ("--video_sections", "GiB", "shorter video")),
+    "video_seconds beyond memory": Bad("--video_seconds 1e9", ("--video_seconds", "GiB")),
+    "latent output beyond memory": Bad(
+        "--video_sections 1000000000 --output_type latent", ("--video_sections", "as float32 latents")
+    ),
 }
 
 
@@ -252,6 +260,8 @@ def bad_argv(models, bad_files, out, case: Bad) -> list[str]:
         "--video_size", "32", "48", "--latent_window_size", "3", "--infer_steps", "1", "--video_sections", "2",
         "--save_path", str(out), "--device", "cpu",
     ]  # fmt: skip
+    if "--video_seconds" in extra:
+        base.remove("--video_sections"), base.remove("2")
     if "--from_file" in extra or "--latent_path" in extra:
         base.remove("--prompt"), base.remove("a red box")
     return [sys.executable, "fpack_generate_video.py", *base, *extra]
@@ -433,3 +443,20 @@ def test_prompt_lines_are_refused_with_what_is_wrong(tmp_path, line, message):
     with pytest.raises(PromptLineError) as err:
         apply_prompt_line(GenerationSettings(), parse_prompt_line(line))
     assert message in str(err.value)
+
+
+def test_a_video_is_refused_exactly_when_its_frames_exceed_the_machines_memory(monkeypatch):
+    """2 sections of 3 latent frames: 1 + 2·3 latents -> 25 frames of 48x32, 3 values each in 16 bits = 230400
+    bytes decoded; as latents 7 · 16 · 4·6 float32 values = 10752 bytes."""
+    import pipelines.generate_args as GA
+    from pipelines.settings import GenerationSettings
+
+    decoded = GenerationSettings(video_size=(32, 48), latent_window_size=3, video_sections=2)
+    latent = decoded.replace(output_type="latent")
+    for settings, needed in ((decoded, 25 * 3 * 32 * 48 * 2), (latent, 7 * 16 * 4 * 6 * 4)):
+        monkeypatch.setattr(GA, "system_memory_bytes", lambda needed=needed: needed)
+        GA.check_video_length(settings)
+        monkeypatch.setattr(GA, "system_memory_bytes", lambda needed=needed: needed - 1)
+        with pytest.raises(UsageError, match=r"^--video_sections: 2 sections \(25 frames of 48x32\)"):
+            GA.check_video_length(settings)
+    GA.check_video_length(decoded.replace(one_frame_inference="target_index=1"))  # one frame: no section count

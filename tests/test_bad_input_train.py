@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.badinput import ROOT, Case, check_refusal, run_cases, run_script, truncated_copy, write_text
@@ -28,21 +29,23 @@ TRAIN = "fpack_train_network.py"
 CONVERT = "convert_lora.py"
 LWS = 3
 TRAIN_LOADING = ("DiT from ", "create LoRA network")
+DATASET_READ = "VideoDatasetParams("  # logged as the datasets are read: everything not about them is checked before
 
 
 def vae_file(models) -> Path:
     return next(Path(models.vae).rglob("*.safetensors"))
 
 
-def lora_file(path: Path, rank: int) -> Path:
+def lora_file(path: Path, rank: int, **dit_config) -> Path:
+    """A LoRA of the tiny DiT, or of a DiT with other `dit_config` values (another model size)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(framepack_lora(tiny_dit_config(), rank=rank), str(path))
+    save_file(framepack_lora(tiny_dit_config(**dit_config), rank=rank), str(path))
     return path
 
 
-def fake_state(folder: Path, rank: int, complete: bool = True) -> Path:
+def fake_state(folder: Path, rank: int, complete: bool = True, **dit_config) -> Path:
     """A `--save_state` folder whose network has `rank` (what the checks before loading read)."""
-    lora_file(folder / "model.safetensors", rank)
+    lora_file(folder / "model.safetensors", rank, **dit_config)
     if complete:
         for name in ("optimizer.bin", "scheduler.bin"):
             (folder / name).write_bytes(b"")
@@ -67,6 +70,20 @@ def world(models, tmp_path_factory):
     w["lora4"] = lora_file(root / "lora4.safetensors", 4)
     w["lora8"] = lora_file(root / "lora8.safetensors", 8)
     w["lora_truncated"] = truncated_copy(w["lora4"], root / "cut.safetensors")
+    w["lora_wide"] = lora_file(root / "lora_wide.safetensors", 4, num_attention_heads=2)  # 256 wide, not 128
+    w["lora_deep"] = lora_file(root / "lora_deep.safetensors", 4, num_single_layers=5)  # blocks the DiT lacks
+    w["state_wide"] = fake_state(root / "state_wide", 4, num_attention_heads=2)
+    start = w["start"] = root / "start.png"
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(start)
+    for name, text in {
+        "samples_empty": "# only a comment\n\n",
+        "samples_missing_image": f"a cat --i {root / 'no_such.png'}\n",
+        "samples_too_long": f"a cat --i {start} --f 99999999\n",
+        "samples_bad_size": f"a cat --i {start} --w 40\n",
+    }.items():
+        w[name] = write_text(root / f"{name}.txt", text)
+    w["samples_json"] = write_text(root / "samples.json", '["a cat --i x.png",')
+    w["samples_json_shape"] = write_text(root / "samples_shape.json", '{"prompt": "a cat"}')
     w["vae"] = vae_file(models)
     w["a_file"] = write_text(root / "a_file.txt")
     (root / "empty_state").mkdir()
@@ -94,6 +111,14 @@ def world(models, tmp_path_factory):
     return w
 
 
+def sampling(w, prompts: str) -> list:
+    """Flags of a run that samples the prompts of the world's file `prompts` (with the models sampling loads)."""
+    m = w["models"]
+    return ["--sample_prompts", w[prompts], "--sample_every_n_steps", "1", "--vae", m.vae,
+            "--text_encoder1", m.text_encoder1, "--text_encoder2", m.text_encoder2, "--image_encoder",
+            m.image_encoder, "--tokenizer1", m.tokenizer1, "--tokenizer2", m.tokenizer2]  # fmt: skip
+
+
 def train_case(w, name: str, extra: list, expected: tuple, dataset=None, **kw) -> Case:
     out = w["root"] / f"out_{name}"
     m = w["models"]
@@ -101,9 +126,12 @@ def train_case(w, name: str, extra: list, expected: tuple, dataset=None, **kw) -
             "--network_dim", "4", "--max_train_steps", "2", "--max_data_loader_n_workers", "0", *extra]  # fmt: skip
     if "--output_dir" in extra:  # the case's own --output_dir wins (argparse keeps the last)
         out = None
-    return Case(TRAIN, argv, expected, kw.pop("output", out), TRAIN_LOADING, **kw)
+    loading = TRAIN_LOADING if dataset or name in NEEDS_DATASET else (*TRAIN_LOADING, DATASET_READ)
+    return Case(TRAIN, argv, expected, kw.pop("output", out), loading, **kw)
 
 
+# Flag cases that can only be refused once the dataset is read (the split leaves no item to train on).
+NEEDS_DATASET = {"validation_split_too_big"}
 # name -> (extra flags of a training run, substrings of its error line); `w` is the module's `world`
 FLAG_CASES = {
     "seed_too_big": (lambda w: ["--seed", "99999999999999999999"], ("--seed",)),
@@ -145,6 +173,34 @@ FLAG_CASES = {
         ("--network_weights", "not a LoRA of this network"),
     ),
     "network_weights_other_rank": (lambda w: ["--network_weights", w["lora8"]], ("--network_weights", "rank 8 vs 4")),
+    "network_weights_other_width": (
+        lambda w: ["--network_weights", w["lora_wide"]],
+        ("--network_weights", "lora_wide.safetensors", "256 -> 256 features", "128 -> 128"),
+    ),
+    "network_weights_other_depth": (
+        lambda w: ["--network_weights", w["lora_deep"]],
+        ("--network_weights", "not in the DiT of --dit", "single_transformer_blocks_2_"),
+    ),
+    "network_weights_other_width_dim_from_weights": (
+        lambda w: ["--network_weights", w["lora_wide"], "--dim_from_weights"],
+        ("--network_weights", "a LoRA of another model size"),
+    ),
+    "resume_other_width": (lambda w: ["--resume", w["state_wide"]], ("--resume", "state_wide", "another model size")),
+    "sample_prompts_empty": (lambda w: sampling(w, "samples_empty"), ("--sample_prompts", "holds no prompt")),
+    "sample_prompts_missing_image": (
+        lambda w: sampling(w, "samples_missing_image"),
+        ("sample prompt 0", "no_such.png", "not found"),
+    ),
+    "sample_prompts_too_long": (
+        lambda w: sampling(w, "samples_too_long"),
+        ("samples_too_long.txt", "sample prompt 0", "--f", "GiB", "shorter video"),
+    ),
+    "sample_prompts_bad_size": (lambda w: sampling(w, "samples_bad_size"), ("sample prompt 0", "40")),
+    "sample_prompts_bad_json": (lambda w: sampling(w, "samples_json"), ("--sample_prompts", "not a JSON file")),
+    "sample_prompts_json_not_a_list": (
+        lambda w: sampling(w, "samples_json_shape"),
+        ("--sample_prompts", "a JSON list"),
+    ),
     "dit_text": (lambda w: ["--dit", w["text"]], ("--dit", "notes.safetensors")),
     "dit_is_a_vae": (lambda w: ["--dit", w["vae"]], ("--dit", "FramePack DiT")),
     "base_weights_truncated": (lambda w: ["--base_weights", w["lora_truncated"]], ("--base_weights", "truncated")),
@@ -216,6 +272,18 @@ def refusals(world):
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_bad_input_is_refused_with_one_line_before_loading(refusals, name):
     check_refusal(refusals[name])
+
+
+@pytest.mark.parametrize("name", ["dit_is_a_vae", "network_weights_other_width", "sample_prompts_too_long"])
+def test_a_fresh_interpreter_refuses_as_the_forked_case_does(refusals, name):
+    """The cases run forked from a runner that imported torch once; a cold start of the script gives the same."""
+    case = refusals[name]
+    cold = run_script(case.script, case.argv)
+    assert cold.returncode == case.result.returncode == 2
+    error_lines = [
+        [line for line in text.splitlines() if line.startswith("error:")] for text in (cold.stderr, case.result.stderr)
+    ]
+    assert error_lines[0] == error_lines[1] and len(error_lines[0]) == 1, cold.stderr[-3000:]
 
 
 def test_converted_file_is_not_written_by_any_refused_conversion(refusals, world):

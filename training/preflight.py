@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
-from networks.lora import DOWN_KEY, LORA_PREFIX
+from networks.lora import DOWN_KEY, LORA_PREFIX, UP_KEY
 from networks.lora_convert import load_lora_file
+from training.tracking import check_trackers
 from utils.cli import UsageError, UserError, check_output_folder, log_level, one_line
 from utils.safetensors_utils import read_header
 
@@ -27,25 +29,39 @@ class TrainingInputError(UserError, ValueError):
     """A file given to the trainer that cannot be what its flag says."""
 
 
-def lora_ranks(path: str, flag: str) -> dict[str, int]:
-    """LoRA module name -> rank (rows of its lora_down weight) of a LoRA file, from its header alone where it is a
-    safetensors file. Refuses anything without `lora_unet_*.lora_down.weight` tensors."""
+@dataclass(frozen=True)
+class LoraModuleShape:
+    """What a LoRA file says of one module: its rank and the Linear widths it was made for."""
+
+    rank: int
+    in_features: int
+    out_features: int | None  # None when the file holds no lora_up weight of the module
+
+
+def lora_module_shapes(path: str, flag: str) -> dict[str, LoraModuleShape]:
+    """LoRA module name -> its shape, from the header alone where the file is a safetensors file. Refuses anything
+    without `lora_unet_*.lora_down.weight` tensors."""
     if path.endswith(".safetensors"):
         shapes = {key: info.shape for key, info in read_header(path, flag)[0].items()}
     else:
         shapes = {key: tuple(tensor.shape) for key, tensor in load_lora_file(path, flag)[0].items()}
-    ranks = {
-        key.rsplit(".", 2)[0]: shape[0]
-        for key, shape in shapes.items()
-        if key.startswith(LORA_PREFIX) and key.endswith(f".{DOWN_KEY}") and len(shape) == 2
-    }
-    if not ranks:
+    modules = {}
+    for key, shape in shapes.items():
+        if key.startswith(LORA_PREFIX) and key.endswith(f".{DOWN_KEY}") and len(shape) == 2:
+            name = key.rsplit(".", 2)[0]
+            up = shapes.get(f"{name}.{UP_KEY}")
+            modules[name] = LoraModuleShape(shape[0], shape[1], up[0] if up is not None and len(up) == 2 else None)
+    if not modules:
         example = ", ".join(sorted(shapes)[:3]) or "no tensors"
         raise TrainingInputError(
             f"{flag} {path}: not a LoRA of this network (no {LORA_PREFIX}_*.{DOWN_KEY} tensors; it holds {example}). "
             "A diffusers/PEFT LoRA can be converted with convert_lora.py --target default"
         )
-    return ranks
+    return modules
+
+
+def ranks_of(modules: dict[str, LoraModuleShape]) -> dict[str, int]:
+    return {name: shape.rank for name, shape in modules.items()}
 
 
 def _rank_summary(ranks: dict[str, int]) -> str:
@@ -67,20 +83,32 @@ def check_ranks(flag: str, path: str, ranks: dict[str, int], expected: int | dic
         )
 
 
-def check_module_names(flag: str, path: str, ranks: dict[str, int], network_module: str) -> None:
-    """With the FramePack network, every module of the file must name a Linear of the DiT's blocks."""
-    if network_module != "networks.lora_framepack":
+def check_modules_fit(flag: str, path: str, modules: dict[str, LoraModuleShape], args: argparse.Namespace) -> None:
+    """With the FramePack network, every module of the file must name a Linear of the DiT given as --dit, with that
+    Linear's input and output widths (read from the DiT's header through a meta-device skeleton: no weight loads)."""
+    if args.network_module != "networks.lora_framepack":
         return
-    from networks.lora_framepack import module_path
+    from frame_pack.dit_loader import dit_skeleton
+    from networks.lora_framepack import target_linears
 
-    unknown = sorted(name for name in ranks if module_path(name) is None)
+    linears = target_linears(dit_skeleton(args.dit))
+    unknown = sorted(name for name in modules if name not in linears)
     if unknown:
         raise TrainingInputError(
-            f"{flag} {path}: not a LoRA of this network: {len(unknown)} module(s) of another model, e.g. {unknown[0]}"
+            f"{flag} {path}: not a LoRA of this network: {len(unknown)} module(s) not in the DiT of --dit, "
+            f"e.g. {unknown[0]}"
         )
+    for name, shape in modules.items():
+        linear = linears[name]
+        widths = (shape.in_features, shape.out_features or linear.out_features)
+        if widths != (linear.in_features, linear.out_features):
+            raise TrainingInputError(
+                f"{flag} {path}: not a LoRA of this DiT: {name} maps {widths[0]} -> {widths[1]} features, the DiT's "
+                f"Linear {linear.in_features} -> {linear.out_features} (a LoRA of another model size)"
+            )
 
 
-def check_resume_folder(folder: str, expected: int | dict[str, int], against: str) -> None:
+def check_resume_folder(folder: str, expected: int | dict[str, int], against: str, args: argparse.Namespace) -> None:
     """A `--save_state` folder: the network weights, the optimizer and the scheduler are all there, and the
     network has the ranks this run builds."""
     present = set(os.listdir(folder))
@@ -94,9 +122,9 @@ def check_resume_folder(folder: str, expected: int | dict[str, int], against: st
         )
     if missing:
         raise TrainingInputError(f"--resume {folder}: incomplete training state, {', '.join(missing)} missing")
-    path = os.path.join(folder, model)
-    ranks = lora_ranks(path, "--resume")
-    check_ranks("--resume", folder, ranks, expected, against)
+    modules = lora_module_shapes(os.path.join(folder, model), "--resume")
+    check_modules_fit("--resume", folder, modules, args)
+    check_ranks("--resume", folder, ranks_of(modules), expected, against)
 
 
 def check_training_files(args: argparse.Namespace) -> None:
@@ -110,17 +138,23 @@ def check_training_files(args: argparse.Namespace) -> None:
     expected: int | dict[str, int] = DEFAULT_NETWORK_DIM if args.network_dim is None else args.network_dim
     against = f"--network_dim {expected}"
     if args.network_weights:
-        ranks = lora_ranks(args.network_weights, "--network_weights")
-        check_module_names("--network_weights", args.network_weights, ranks, args.network_module)
+        modules = lora_module_shapes(args.network_weights, "--network_weights")
+        check_modules_fit("--network_weights", args.network_weights, modules, args)
+        ranks = ranks_of(modules)
         if args.dim_from_weights:
             expected, against = ranks, f"the ranks of --network_weights {args.network_weights}"
         else:
             check_ranks("--network_weights", args.network_weights, ranks, expected, f"{against}; or --dim_from_weights")
     if args.resume and not args.resume_from_huggingface:
-        check_resume_folder(args.resume, expected, against)
+        check_resume_folder(args.resume, expected, against, args)
+    if args.sample_prompts:
+        from training.sample_prompts import check_sample_prompts
+
+        check_sample_prompts(args)
     check_output_folder("--output_dir", args.output_dir)
     if args.logging_dir:
         check_output_folder("--logging_dir", args.logging_dir)
+    check_trackers(args, args.logging_dir)
     check_optimizer_flags(args)
 
 

@@ -31,7 +31,7 @@ from pipelines.models import ModelCache
 from pipelines.prompt_line import LineOption, parse_line_options, read_prompt_file
 from pipelines.settings import GenerationSettings, ModelSettings
 from training.rng import preserved_rng
-from utils.cli import UsageError
+from utils.cli import UsageError, UserError, one_line
 from utils.device import clean_memory
 from utils.toml_file import read_toml
 from utils.video_io import save_images, save_video, to_uint8_frames
@@ -104,16 +104,16 @@ def load_prompts(path: str) -> list[dict]:
     """Prompts of a .txt (one per line, `#` comments), .toml (`[prompt]` shared keys + `[[prompt.subset]]`) or
     .json (list of strings or dicts) file, each with `enum` = its position."""
     if path.endswith(".txt"):
-        prompts: list = [line for _, line in read_prompt_file(path)]
+        prompts: list = [line for _, line in read_prompt_file(path, "--sample_prompts")]
     elif path.endswith(".toml"):
         table = read_toml(path, "--sample_prompts").get("prompt")
-        if not isinstance(table, dict):
-            raise ValueError(f"--sample_prompts {path}: needs a [prompt] table")
+        subsets = table.get("subset", []) if isinstance(table, dict) else None
+        if not isinstance(subsets, list) or not all(isinstance(subset, dict) for subset in subsets):
+            raise UsageError(f"--sample_prompts {path}: needs a [prompt] table with [[prompt.subset]] tables")
         shared = {k: v for k, v in table.items() if k != "subset"}
-        prompts = [{**shared, **subset} for subset in table.get("subset", [])]
+        prompts = [{**shared, **subset} for subset in subsets]
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            prompts = json.load(f)
+        prompts = read_json_prompts(path)
     else:
         raise UsageError(f"--sample_prompts {path}: use a .txt, .toml or .json file")
     result = []
@@ -123,6 +123,38 @@ def load_prompts(path: str) -> list[dict]:
         prompt["enum"] = i
         result.append(prompt)
     return result
+
+
+def read_json_prompts(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--sample_prompts {path}: not a JSON file ({one_line(e)})") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, (str, dict)) for p in prompts):
+        raise UsageError(f"--sample_prompts {path}: give a JSON list of prompt strings or tables")
+    return prompts
+
+
+def check_sample_prompts(args: argparse.Namespace) -> None:
+    """Every sample prompt is read and turned into generation settings (images found, sizes valid) before the
+    datasets or any model load; an empty prompt file is refused, as it would sample nothing."""
+    from pipelines.generate_args import check_run_values
+
+    path = args.sample_prompts
+    prompts = load_prompts(path)
+    if not prompts:
+        raise UsageError(f"--sample_prompts {path}: holds no prompt (only comments or blank lines)")
+    option_of = {option.field: f"--{name}" for name, option in LINE_OPTIONS.items()}
+    option_of["video_sections"] = option_of["frame_count"]  # the sections a sample has come from its --f
+    for prompt in prompts:
+        try:
+            settings = generation_settings(args, prompt)
+            if settings is not None:
+                check_run_values(settings, lambda field: option_of.get(field, f"--{field}"))
+        except (UserError, TypeError, ValueError) as e:  # TypeError: a value of the wrong type in a .toml/.json
+            where = "" if str(e).startswith("sample prompt") else f"sample prompt {prompt['enum']}: "
+            raise UsageError(f"--sample_prompts {path}: {where}{one_line(e)}") from None
 
 
 def should_sample(args: argparse.Namespace, steps: int, epoch: int | None) -> bool:

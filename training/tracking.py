@@ -90,6 +90,23 @@ def logging_directory(args: argparse.Namespace) -> str | None:
     return os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime()))
 
 
+def check_trackers(args: argparse.Namespace, logging_dir: str | None) -> list[str]:
+    """The trackers --log_with names, each installed, with the --logging_dir tensorboard needs (checked before
+    anything loads)."""
+    if args.log_with is None:
+        return []
+    wanted = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
+    if "tensorboard" in wanted and logging_dir is None:
+        raise UsageError(f"--log_with {args.log_with} needs --logging_dir")
+    for name in wanted:
+        if not _installed(TRACKER_PACKAGES[name]):
+            raise MissingPackageError(
+                f"--log_with {args.log_with} needs the {TRACKER_PACKAGES[name]} package, which is not installed "
+                f"(pip install {TRACKER_PACKAGES[name]})"
+            )
+    return wanted
+
+
 def resolve_trackers(args: argparse.Namespace, logging_dir: str | None) -> list | None:
     """The `log_with` of the Accelerator. Explicit trackers must be installed (an error names the package); the
     implicit tensorboard of --logging_dir is used when installed. With --logging_dir the values are always also
@@ -102,15 +119,7 @@ def resolve_trackers(args: argparse.Namespace, logging_dir: str | None) -> list 
             return ["tensorboard", jsonl]
         logger.warning(f"tensorboard is not installed: writing the logs to {os.path.join(logging_dir, JSONL_NAME)}")
         return [jsonl]
-    wanted = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
-    if "tensorboard" in wanted and logging_dir is None:
-        raise UsageError(f"--log_with {args.log_with} needs --logging_dir")
-    for name in wanted:
-        if not _installed(TRACKER_PACKAGES[name]):
-            raise MissingPackageError(
-                f"--log_with {args.log_with} needs the {TRACKER_PACKAGES[name]} package, which is not installed "
-                f"(pip install {TRACKER_PACKAGES[name]})"
-            )
+    wanted = check_trackers(args, logging_dir)
     if "wandb" in wanted:
         import wandb
 

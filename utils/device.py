@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import torch
 
@@ -32,6 +33,11 @@ def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
 def check_device(name: str | None, flag: str = "--device") -> None:
     """Refuse a `--device` this machine does not have (UsageError naming `flag`), before anything is loaded."""
     resolve_device(name, flag)
+
+
+def system_memory_bytes() -> int:
+    """This machine's physical memory (what one process could use at most)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def clean_memory(device: torch.device) -> None:
