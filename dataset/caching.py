@@ -16,16 +16,16 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from utils.cli import UserError, check_output_folder, check_positive, one_line
+from utils.cli import UserError, check_output_folder, check_positive, on_forced_interrupt, one_line
 from utils.safetensors_utils import (
     SAFETENSORS_DTYPES,
     TensorInfo,
     WeightFileError,
     deterministic_safetensors,
     read_header,
-    remove_leftover_temporary_files,
     write_atomically,
 )
+from utils.temporary_files import remove_leftover_temporary_files, remove_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,17 @@ def remove_interrupted_writes(datasets: list) -> None:
     for dataset in datasets:
         if os.path.isdir(dataset.cache_directory):
             remove_leftover_temporary_files(dataset.cache_directory)
+
+
+def remove_own_writes_on_forced_interrupt(datasets: list) -> None:
+    """When the interrupt watchdog ends the process, the cache file it was writing goes with it."""
+    folders = sorted({dataset.cache_directory for dataset in datasets})
+
+    def remove_own_writes() -> None:
+        for folder in folders:
+            remove_temporary_files(folder)
+
+    on_forced_interrupt(remove_own_writes)
 
 
 def resolve_num_workers(num_workers: int | None) -> int:

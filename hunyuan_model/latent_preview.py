@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.temporary_files import temporary_path
 from utils.video_io import save_video
 
 # rows: latent channels 0..15; columns: R, G, B
@@ -60,7 +61,7 @@ def write_preview(latent: torch.Tensor, path: str, fps: float) -> str:
     frames = latent_to_rgb(latent)
     if path.endswith(".png"):
         strip = np.concatenate(list(frames), axis=1)
-        tmp = f"{path[:-4]}.tmp{os.getpid()}.png"
+        tmp = temporary_path(path, keep_extension=True)
         try:
             Image.fromarray(strip).save(tmp, format="PNG")
             os.replace(tmp, path)

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frame_pack.fp8 import block_rows
-from utils.safetensors_utils import save_safetensors, temporary_path
+from utils.safetensors_utils import save_safetensors
+from utils.temporary_files import temporary_path
 
 logger = logging.getLogger(__name__)
 

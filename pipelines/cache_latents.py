@@ -40,6 +40,7 @@ from dataset.caching import (
     dtype_name,
     expected_layout,
     remove_interrupted_writes,
+    remove_own_writes_on_forced_interrupt,
     remove_stale_files,
     resolve_num_workers,
     save_cache_file,
@@ -425,6 +426,7 @@ def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None
     check_dataset_folders(datasets, args.dataset_config)
     check_model_paths(args)
     device = processes.device(args.device)
+    remove_own_writes_on_forced_interrupt(datasets)
     if processes.is_main:
         remove_interrupted_writes(datasets)
     mode = "one-frame" if args.one_frame else "F1 (vanilla sampling)" if args.f1 else "inverted anti-drifting"

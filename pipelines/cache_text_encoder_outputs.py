@@ -32,6 +32,7 @@ from dataset.caching import (
     check_dataset_folders,
     dtype_name,
     remove_interrupted_writes,
+    remove_own_writes_on_forced_interrupt,
     remove_stale_files,
     resolve_num_workers,
     save_cache_file,
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace, processes: Processes = SINGLE_PROCESS) -> None
     check_dataset_folders(datasets, args.dataset_config)
     check_model_paths(args)
     device = processes.device(args.device)
+    remove_own_writes_on_forced_interrupt(datasets)
     if processes.is_main:
         remove_interrupted_writes(datasets)
     existing = [path for dataset in datasets for path in dataset.get_all_text_encoder_output_cache_files()]

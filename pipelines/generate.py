@@ -59,6 +59,7 @@ from pipelines.run_metadata import (
 from pipelines.settings import GenerationSettings, ModelSettings, lora_multipliers
 from utils.cli import entry_point, on_forced_interrupt, set_interrupt_watchdog_armed
 from utils.distributed import SINGLE_PROCESS, Processes, launched_processes, launched_rank, start_processes
+from utils.temporary_files import remove_temporary_files, temporary_path
 from utils.video_io import save_images, save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def save_magcache_calibration(caches: list, path: str) -> str | None:
     print("MagCache calibration; pass one line to --magcache_mag_ratios:")
     for line in lines:
         print(line)
-    tmp = path + ".tmp"
+    tmp = temporary_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
@@ -398,16 +399,6 @@ def _unique(path: str) -> str:
         if not os.path.exists(candidate):
             return candidate
         n += count
-
-
-def remove_temporary_files(folder: str) -> None:
-    """Remove the temporary files this process was writing in `folder` and its sub-folders (an output half
-    written when the process is ended); every writer names them `<name>.tmp<pid>...`."""
-    marker = f".tmp{os.getpid()}"
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if marker in name:
-                os.remove(os.path.join(root, name))
 
 
 def time_flag_now() -> str:

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import pause_launcher
+
 ROOT = Path(__file__).resolve().parent.parent
+PAUSED = pause_launcher.MARKER  # the line a held-up run prints when it reaches the held-up call
 POOL = 2  # cases running at a time
 TIMEOUT_S = 300
 
@@ -148,3 +156,54 @@ def truncated_copy(source: Path, target: Path, keep: float = 0.5) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data[: int(len(data) * keep)])
     return target
+
+
+# ---- Ctrl-C -------------------------------------------------------------------------------------------------------
+
+
+def interrupt_when(
+    cmd: list[str], pattern: str, env: dict | None = None, at_signal: Callable[[], None] | None = None
+) -> tuple[int, str, float]:
+    """Start `cmd`, send SIGINT as soon as a stderr line matches `pattern` (after calling `at_signal`, which can
+    look at the disk at that moment) -> (exit status, stderr, seconds from the signal to the exit)."""
+    env = {**_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    deadline = threading.Timer(TIMEOUT_S, process.kill)  # a run that never ends fails the test instead of hanging
+    deadline.start()
+    lines, sent = [], None
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if sent is None and re.search(pattern, line):
+                if at_signal is not None:
+                    at_signal()
+                process.send_signal(signal.SIGINT)
+                sent = time.monotonic()
+        code = process.wait(timeout=TIMEOUT_S)
+    finally:
+        deadline.cancel()
+        process.kill()
+    assert sent is not None, "".join(lines)[-3000:]
+    return code, "".join(lines), time.monotonic() - sent
+
+
+def assert_interrupted(code: int, stderr: str, seconds: float) -> None:
+    """Exit 130, `interrupted` once and as the last line, no traceback, no dropped exception, quickly."""
+    assert code == 130, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "interrupted" and stderr.count("interrupted\n") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    assert not any(line.startswith("error:") for line in stderr.splitlines()), stderr[-3000:]
+    assert seconds < 10, seconds  # about a second on an idle machine: the exit skips the interpreter teardown
+
+
+def held_up(cmd: list[str], target: str, match: str | None = None, call: int = 1, swallow: bool = False) -> list:
+    """`cmd` (`[python, script, *argv]`) run by tests/pause_launcher.py with `target` held up at its `call`-th
+    call (of those whose arguments match `match`); its `PAUSED` line is where to send the signal."""
+    python, script, *argv = map(str, cmd)
+    options = [*([f"--match={match}"] if match else []), f"--call={call}", *(["--swallow"] if swallow else [])]
+    return [python, pause_launcher.__file__, target, *options, "--", script, *argv]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """What an interrupted save may leave under `folder`: `*.tmp<pid>` files and `*-state.tmp` folders."""
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)

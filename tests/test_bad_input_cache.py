@@ -16,9 +16,23 @@ import pytest
 from safetensors.torch import load_file
 
 from dataset.config import load_dataset_params
-from tests.badinput import Case, check_refusal, run_cases, run_script, truncated_copy, write_text
+from tests.badinput import (
+    PAUSED,
+    Case,
+    assert_interrupted,
+    check_refusal,
+    files_under,
+    held_up,
+    interrupt_when,
+    leftovers,
+    run_cases,
+    run_script,
+    truncated_copy,
+    write_text,
+)
 from tests.factory.datasets import make_video_dataset, write_config, write_jsonl
-from tests.test_bad_input_train import Running, leftovers
+from tests.test_bad_input_train import Running
+from utils.cli import INTERRUPT_GRACE_S
 
 LATENTS = "fpack_cache_latents.py"
 TEXT = "fpack_cache_text_encoder_outputs.py"
@@ -215,3 +229,37 @@ def test_ctrl_c_while_caching_exits_130_and_the_next_run_cleans_up(models, tmp_p
     assert leftovers(videos.directory) == []
     assert len(list(videos.directory.glob("*_fp.safetensors"))) == 24
     assert result.stderr.count(": caching ") == 24 - len(written)  # the complete ones were kept
+
+
+# Ctrl-C while the models load: tests/pause_launcher.py holds the loader up and the signal is sent when it says so.
+# The models load on the first item to cache, so no cache file is complete yet; none may be written.
+PLACED = "models: text encoders "  # logged once a model has loaded, with where each model is
+
+
+def test_ctrl_c_while_the_vae_loads_exits_130_and_writes_no_cache(models, tmp_path):
+    videos = make_video_dataset(tmp_path, lengths=(13,), name="videos")
+    config = write_config(tmp_path / "videos.toml", [video_entry(videos.directory)])
+    cmd = held_up([sys.executable, LATENTS, "--dataset_config", config, "--vae", models.vae, "--image_encoder",
+                   models.image_encoder, "--device", "cpu"], "hunyuan_model.vae:load_vae")  # fmt: skip
+    code, stderr, seconds = interrupt_when(cmd, PAUSED)
+    assert_interrupted(code, stderr, seconds)
+    assert "Loading VAE from" in stderr and PLACED not in stderr  # the signal came while the VAE loaded
+    assert [name for name in files_under(videos.directory) if name.endswith(".safetensors")] == []
+    assert leftovers(videos.directory) == []
+
+
+def test_a_swallowed_ctrl_c_while_the_text_encoders_load_is_ended_by_the_watchdog(models, tmp_path):
+    """The KeyboardInterrupt is dropped while LLaMA loads (a library printing "Exception ignored in ..." did that
+    once): the watchdog ends the run within the grace."""
+    videos = make_video_dataset(tmp_path, lengths=(13,), name="videos")
+    config = write_config(tmp_path / "videos.toml", [video_entry(videos.directory)])
+    m = models
+    argv = ["--dataset_config", config, "--text_encoder1", m.text_encoder1, "--text_encoder2", m.text_encoder2,
+            "--tokenizer1", m.tokenizer1, "--tokenizer2", m.tokenizer2, "--device", "cpu"]  # fmt: skip
+    cmd = held_up([sys.executable, TEXT, *argv], "hunyuan_model.text_encoder:load_text_encoder1", swallow=True)
+    code, stderr, seconds = interrupt_when(cmd, PAUSED)
+    assert_interrupted(code, stderr, seconds)
+    assert seconds >= INTERRUPT_GRACE_S  # ended by the watchdog, not by the KeyboardInterrupt
+    assert PLACED not in stderr  # the signal came while the text encoders loaded
+    assert [name for name in files_under(videos.directory) if name.endswith(".safetensors")] == []
+    assert leftovers(videos.directory) == []

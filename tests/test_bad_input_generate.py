@@ -8,11 +8,9 @@ import json
 import os
 import re
 import shlex
-import signal
 import struct
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipelines.latent_file import load_latent, save_latent
+from tests.badinput import PAUSED, assert_interrupted, files_under, held_up, interrupt_when
 from utils.cli import UsageError
 from utils.safetensors_utils import (
     WeightFileError,
@@ -303,30 +302,6 @@ def test_bad_input_is_one_error_line_before_any_model_loads_and_writes_nothing(m
 # ---- Ctrl-C ------------------------------------------------------------------------------------------------------
 
 
-def interrupt_when(cmd: list[str], pattern: str, env: dict | None = None) -> tuple[int, str, float]:
-    """Start `cmd`, send SIGINT as soon as a stderr line matches `pattern` -> (exit status, stderr, seconds from
-    the signal to the exit)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    env.pop("FPACK_DEBUG", None)
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    lines, sent = [], None
-    for line in process.stderr:
-        lines.append(line)
-        if sent is None and re.search(pattern, line):
-            process.send_signal(signal.SIGINT)
-            sent = time.monotonic()
-    code = process.wait(timeout=120)
-    assert sent is not None, "".join(lines)[-3000:]
-    return code, "".join(lines), time.monotonic() - sent
-
-
-def assert_interrupted(code: int, stderr: str, seconds: float) -> None:
-    assert code == 130, stderr[-3000:]
-    assert stderr.splitlines()[-1] == "interrupted" and stderr.count("interrupted\n") == 1, stderr[-3000:]
-    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
-    assert seconds < 10, seconds  # about a second on an idle machine: the exit skips the interpreter teardown
-
-
 def generation(models, bad_files, out, *extra) -> list[str]:
     return [
         sys.executable, "fpack_generate_video.py", *models.flags(), "--video_size", "32", "48",
@@ -358,6 +333,40 @@ def test_ctrl_c_in_a_prompt_file_keeps_the_finished_lines_and_drops_the_interrup
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
+# the output being saved -> (os.replace call held up: its temporary name, the name of that temporary file)
+SAVES = {
+    "latent": (r"_latent\.safetensors\.tmp\d+',", "*_latent.safetensors.tmp*"),
+    "video": (r"\.tmp\d+\.mp4',", "*.tmp*.mp4"),
+}
+
+
+@pytest.mark.parametrize("saving", SAVES)
+def test_ctrl_c_while_saving_removes_the_half_written_output_and_keeps_finished_ones(
+    models, bad_files, tmp_path, saving
+):
+    """Held up just before the rename of the output's temporary file (complete on disk, not yet in place); with
+    --output_type both the latent is saved first, then the video is decoded and saved."""
+    held, temporary = SAVES[saving]
+    out = tmp_path / "out"
+    cmd = generation(models, bad_files, out, "--image_path", str(bad_files / "start.png"), "--prompt", "a red box",
+                     "--infer_steps", "1", "--output_type", "both")  # fmt: skip
+    seen = {}
+
+    def look() -> None:
+        seen.update(temporary=list(out.glob(temporary)), files=files_under(out))
+
+    code, stderr, seconds = interrupt_when(held_up(cmd, "os:replace", match=held), PAUSED, at_signal=look)
+    assert_interrupted(code, stderr, seconds)
+    assert len(seen["temporary"]) == 1, seen  # the signal came during that save
+    finished = [name for name in seen["files"] if ".tmp" not in name]
+    assert files_under(out) == finished  # the half-written output is gone, what was finished stays
+    if saving == "latent":
+        assert finished == []
+    else:
+        (latent,) = finished
+        assert latent.endswith("_latent.safetensors") and load_latent(str(out / latent))[1]["prompt"] == "a red box"
+
+
 def test_a_swallowed_ctrl_c_still_ends_the_script_within_the_grace(tmp_path):
     """A KeyboardInterrupt dropped by a library (here: caught and ignored) is ended by the watchdog; its cleanups
     run first."""
@@ -368,9 +377,12 @@ def test_a_swallowed_ctrl_c_still_ends_the_script_within_the_grace(tmp_path):
         "def main():\n"
         f"    open({str(leftover)!r}, 'w').close()\n"
         f"    on_forced_interrupt(lambda: __import__('os').remove({str(leftover)!r}))\n"
-        "    print('working', file=sys.stderr, flush=True)\n"
+        "    announced = False\n"
         "    while True:\n"
         "        try:\n"
+        "            if not announced:\n"
+        "                announced = True\n"
+        "                print('working', file=sys.stderr, flush=True)\n"
         "            time.sleep(0.01)\n"
         "        except KeyboardInterrupt:\n"
         "            pass\n"

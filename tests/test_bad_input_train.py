@@ -19,11 +19,27 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.badinput import ROOT, Case, check_refusal, run_cases, run_script, truncated_copy, write_text
+from tests.badinput import (
+    PAUSED,
+    ROOT,
+    Case,
+    assert_interrupted,
+    check_refusal,
+    files_under,
+    held_up,
+    interrupt_when,
+    leftovers,
+    run_cases,
+    run_script,
+    truncated_copy,
+    write_text,
+)
 from tests.factory.caches import video_dataset_config, write_video_caches
 from tests.factory.datasets import write_config
 from tests.factory.dit import tiny_dit_config
 from tests.factory.lora import framepack_lora
+from training.checkpoints import STOPPED_BEFORE_TRAINING
+from utils.cli import INTERRUPT_GRACE_S
 
 TRAIN = "fpack_train_network.py"
 CONVERT = "convert_lora.py"
@@ -333,10 +349,6 @@ def long_training(w, out: Path, *extra) -> list:
             "--mixed_precision", "bf16", "--seed", "1", *extra]  # fmt: skip
 
 
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)
-
-
 def test_ctrl_c_during_training_exits_130_keeps_complete_saves_and_says_how_to_resume(world, tmp_path):
     out = tmp_path / "out"
     run = Running(TRAIN, long_training(world, out, "--save_every_n_steps", "2", "--save_state"))
@@ -380,3 +392,53 @@ def test_kill_during_a_state_save_leaves_nothing_after_the_next_run(world, tmp_p
     assert leftovers(out) == []
     assert "left by an interrupted save" in result.stderr
     assert torch.is_tensor(next(iter(load_file(out / "again.safetensors").values())))
+
+
+# Ctrl-C in a chosen phase: tests/pause_launcher.py holds the run up there and the signal is sent when it says so.
+
+
+def training_cmd(w, out: Path, *extra) -> list:
+    return [sys.executable, TRAIN, *long_training(w, out, *extra)]
+
+
+def test_ctrl_c_while_the_dit_loads_exits_130_and_says_nothing_was_saved(world, tmp_path):
+    out = tmp_path / "out"
+    cmd = held_up(training_cmd(world, out), "frame_pack.dit_loader:load_packed_model")
+    code, stderr, seconds = interrupt_when(cmd, PAUSED)
+    assert_interrupted(code, stderr, seconds)
+    assert "create LoRA network" not in stderr  # the signal came while the DiT loaded
+    assert STOPPED_BEFORE_TRAINING in stderr
+    assert files_under(out) == []
+
+
+def test_ctrl_c_while_a_lora_is_saved_removes_it_and_keeps_the_previous_one(world, tmp_path):
+    out = tmp_path / "out"
+    held = r"lora-step\d+\.safetensors\.tmp\d+',"  # the second LoRA save, its file written, not yet renamed
+    cmd = held_up(training_cmd(world, out, "--save_every_n_steps", "1"), "os:replace", match=held, call=2)
+    seen = {}
+    code, stderr, seconds = interrupt_when(cmd, PAUSED, at_signal=lambda: seen.update(files=files_under(out)))
+    assert_interrupted(code, stderr, seconds)
+    assert [name for name in seen["files"] if ".tmp" in name] != []  # the signal came during that save
+    assert files_under(out) == ["lora-step00000001.safetensors"]
+    assert load_file(out / "lora-step00000001.safetensors")
+    assert "last LoRA saved: " + str(out / "lora-step00000001.safetensors") in stderr
+    assert "no training state was saved" in stderr and "--save_state" in stderr
+
+
+def test_a_swallowed_ctrl_c_during_a_state_save_is_ended_by_the_watchdog_which_removes_the_half_state(world, tmp_path):
+    """The KeyboardInterrupt is dropped (as a library dropped one while text encoders loaded): the watchdog ends the
+    run after the grace, removes this run's half-written state folder and still says where to resume."""
+    out = tmp_path / "out"
+    held = r"-state\.tmp',"  # the second state: its folder written, not yet renamed
+    extra = ("--save_every_n_steps", "1", "--save_state")
+    cmd = held_up(training_cmd(world, out, *extra), "os:replace", match=held, call=2, swallow=True)
+    seen = {}
+    code, stderr, seconds = interrupt_when(cmd, PAUSED, at_signal=lambda: seen.update(files=leftovers(out)))
+    assert_interrupted(code, stderr, seconds)
+    assert seconds >= INTERRUPT_GRACE_S  # ended by the watchdog, not by the KeyboardInterrupt
+    assert "lora-step00000002-state.tmp" in seen["files"]
+    assert leftovers(out) == []
+    (state,) = out.glob("*-state")
+    assert state.name == "lora-step00000001-state"
+    assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= set(os.listdir(state))
+    assert "--resume " + str(out / "lora-step00000001-state") in stderr

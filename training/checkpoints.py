@@ -24,7 +24,7 @@ import torch
 
 from networks.lora_convert import export_lora_file, load_lora_file
 from utils.cli import UsageError
-from utils.safetensors_utils import remove_leftover_temporary_files
+from utils.temporary_files import remove_leftover_temporary_files, remove_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +246,9 @@ def prepare_output_dir(folder: str) -> None:
     remove_leftover_temporary_files(folder)
 
 
+STOPPED_BEFORE_TRAINING = "training stopped before its first step; nothing was saved"
+
+
 class Saver:
     """Saves LoRAs and states (main process only, states from every process), prunes old ones, uploads."""
 
@@ -255,6 +258,7 @@ class Saver:
         self.uploads: list[threading.Thread] = []
         self.last_state: str | None = None  # the newest complete state folder of this run
         self.last_lora: str | None = None
+        self.state_in_progress: str | None = None  # the temporary folder of a state being written
 
     def resume_hint(self) -> str:
         """What an interrupted run leaves and how to continue it."""
@@ -265,6 +269,17 @@ class Saver:
             f"training stopped{saved}; no training state was saved, so a new run starts over: add --save_state "
             "(with --save_every_n_steps N) to be able to --resume"
         )
+
+    def remove_partial_saves(self) -> None:
+        """Delete what this process was writing in --output_dir (the interrupt watchdog's cleanup): its
+        `*.safetensors.tmp<pid>` files and the `*-state.tmp` folder of a state save in progress."""
+        remove_temporary_files(self.args.output_dir)
+        tmp = self.state_in_progress
+        if tmp is not None and self.accelerator.is_main_process:
+            for _ in range(3):  # the main thread may still be adding files to it
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not os.path.exists(tmp):
+                    break
 
     def _path(self, name: str) -> str:
         return os.path.join(self.args.output_dir, name)
@@ -296,6 +311,7 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         logger.info(f"saving state: {final}")
+        self.state_in_progress = tmp
         try:
             acc.save_state(tmp)
             acc.wait_for_everyone()
@@ -307,6 +323,8 @@ class Saver:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            self.state_in_progress = None
         self.last_state = final
         if acc.is_main_process and self.args.save_state_to_huggingface:
             self.upload(final)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from datetime import timedelta
 
@@ -41,7 +42,7 @@ from training.rng import preserved_rng
 from training.timesteps import fixed_timestep_input, loss_weighting, noisy_model_input_and_timesteps, show_timesteps
 from training.tracking import LossRecorder, init_trackers, logging_directory, resolve_trackers, step_logs
 from training.validation import Validator, load_datasets
-from utils.cli import UsageError, entry_point, one_line
+from utils.cli import UsageError, entry_point, on_forced_interrupt, one_line
 from utils.distributed import cpu_only_group, launched_processes, process_group_backend
 
 logger = logging.getLogger(__name__)
@@ -621,10 +622,24 @@ def main(argv: list[str] | None = None) -> int:
         show_timesteps(args)
         return 0
     check_training_files(args)
-    trainer = Trainer(args)
+    trainer: Trainer | None = None
+    told = threading.Lock()
+
+    def tell_how_to_resume() -> None:
+        """Once, whichever path ends the run: the KeyboardInterrupt below or the interrupt watchdog."""
+        if told.acquire(blocking=False):
+            logger.warning(trainer.saver.resume_hint() if trainer is not None else C.STOPPED_BEFORE_TRAINING)
+
+    def stop_cleanly() -> None:  # the interrupt watchdog's cleanup, when a Ctrl-C did not end the run in time
+        if trainer is not None:
+            trainer.saver.remove_partial_saves()
+        tell_how_to_resume()
+
+    on_forced_interrupt(stop_cleanly)
     try:
+        trainer = Trainer(args)
         trainer.train()
     except KeyboardInterrupt:
-        logger.warning(trainer.saver.resume_hint())
+        tell_how_to_resume()
         raise
     return 0

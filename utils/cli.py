@@ -24,6 +24,9 @@ from collections.abc import Callable, Sequence
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 DEBUG_ENV = "FPACK_DEBUG"
+# How long a Ctrl-C may take to end a script on its own before the interrupt watchdog ends it: the usual path (the
+# KeyboardInterrupt unwinding, removing half-written files, the last log lines) takes well under a second.
+INTERRUPT_GRACE_S = 2.0
 
 
 class UserError(Exception):
@@ -130,6 +133,15 @@ def report_error(error: object) -> None:
     print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
 
 
+_interruption_reported = threading.Lock()
+
+
+def report_interrupted() -> None:
+    """Print the `interrupted` line, once per process: the main thread and the interrupt watchdog may both end it."""
+    if _interruption_reported.acquire(blocking=False):
+        print("interrupted", file=sys.stderr, flush=True)
+
+
 def debug_requested(argv: Sequence[str] | None) -> bool:
     args = sys.argv[1:] if argv is None else argv
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in args
@@ -151,7 +163,7 @@ def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         except KeyboardInterrupt:
             if debug_requested(argv):
                 traceback.print_exc()
-            print("interrupted", file=sys.stderr, flush=True)
+            report_interrupted()
             raise SystemExit(EXIT_INTERRUPTED) from None
 
     return run
@@ -186,9 +198,9 @@ class InterruptWatchdog:
         for cleanup in self.cleanups:
             try:
                 cleanup()
-            except OSError:
+            except Exception:  # a cleanup that fails must not keep the process running
                 pass
-        print("interrupted", file=sys.stderr, flush=True)
+        report_interrupted()
         os._exit(EXIT_INTERRUPTED)
 
 
@@ -211,12 +223,14 @@ def script_main(main: Callable[[], int], interrupt_grace_s: float | None = None)
 
     An input error (2) or an interruption (130) leaves through os._exit once the output is flushed: the
     interpreter's teardown of torch and transformers takes seconds, and a Ctrl-C should stop the script at once.
-    With `interrupt_grace_s` an InterruptWatchdog ends a run that a Ctrl-C did not end within that many seconds."""
+    With `interrupt_grace_s` an InterruptWatchdog ends a run that a Ctrl-C did not end within that many seconds; it
+    needs the main thread (signal.set_wakeup_fd), which every process of `accelerate launch` runs its script in."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         global interrupt_watchdog
-        if interrupt_grace_s is not None and interrupt_watchdog is None:
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        if interrupt_grace_s is not None and interrupt_watchdog is None and on_main_thread:
             interrupt_watchdog = InterruptWatchdog(interrupt_grace_s)
         try:
             return main() if argv is None else main(argv)

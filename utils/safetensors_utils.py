@@ -7,7 +7,6 @@ encoders alike.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import mmap
@@ -25,6 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 from utils.cli import UserError, one_line
+from utils.temporary_files import temporary_path
 
 logger = logging.getLogger(__name__)
 
@@ -315,38 +315,6 @@ def _mapped_view(mapped: mmap.mmap, start: int, end: int) -> torch.Tensor:
     with warnings.catch_warnings():  # frombuffer warns that the tensor shares the (mmap) buffer
         warnings.simplefilter("ignore")
         return torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
-
-
-TEMPORARY_SUFFIX = re.compile(r"\.tmp(?P<pid>\d+)$")  # `<file>.tmp<pid>`: a file being written by process <pid>
-
-
-def temporary_path(path: str) -> str:
-    """Where `path` is written before it is renamed into place: `<path>.tmp<pid>` in the same folder."""
-    return f"{path}.tmp{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except PermissionError:  # another user's live process
-        return True
-    except (ProcessLookupError, OverflowError):  # no such process, or no possible pid
-        return False
-    return True
-
-
-def remove_leftover_temporary_files(folder: str, pattern: str = "*.safetensors.tmp*") -> list[str]:
-    """Delete the `<file>.tmp<pid>` files in `folder` left by a killed write (their process no longer runs), so a
-    new run in that folder starts clean; files of a live process are left alone. Returns the removed paths."""
-    removed = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern))):
-        match = TEMPORARY_SUFFIX.search(path)
-        if match is None or not os.path.isfile(path) or _process_alive(int(match["pid"])):
-            continue
-        os.remove(path)
-        logger.info(f"removed {path}, left by an interrupted save")
-        removed.append(path)
-    return removed
 
 
 def _packed_header(header: dict) -> bytes:

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from utils.temporary_files import temporary_path
+
 VIDEO_CODEC = "libx264"
 VIDEO_PIX_FMT = "yuv420p"
 VIDEO_BIT_RATE = 4_000_000
@@ -29,8 +31,7 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
 
 def _atomic_path(path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    return f"{root}.tmp{os.getpid()}{ext}"
+    return temporary_path(path, keep_extension=True)  # av and PIL choose the format by the extension
 
 
 def save_video(frames: np.ndarray, path: str, fps: int, metadata: dict | None = None) -> str:
