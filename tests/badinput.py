@@ -162,10 +162,15 @@ def truncated_copy(source: Path, target: Path, keep: float = 0.5) -> Path:
 
 
 def interrupt_when(
-    cmd: list[str], pattern: str, env: dict | None = None, at_signal: Callable[[], None] | None = None
+    cmd: list[str],
+    pattern: str,
+    env: dict | None = None,
+    at_signal: Callable[[], None] | None = None,
+    again: str | None = None,
 ) -> tuple[int, str, float]:
     """Start `cmd`, send SIGINT as soon as a stderr line matches `pattern` (after calling `at_signal`, which can
-    look at the disk at that moment) -> (exit status, stderr, seconds from the signal to the exit)."""
+    look at the disk at that moment), and a second one when a later line matches `again` -> (exit status, stderr,
+    seconds from the first signal to the exit)."""
     env = {**_env(), "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
     deadline = threading.Timer(TIMEOUT_S, process.kill)  # a run that never ends fails the test instead of hanging
@@ -179,6 +184,9 @@ def interrupt_when(
                     at_signal()
                 process.send_signal(signal.SIGINT)
                 sent = time.monotonic()
+            elif sent is not None and again is not None and re.search(again, line):
+                process.send_signal(signal.SIGINT)
+                again = None
         code = process.wait(timeout=TIMEOUT_S)
     finally:
         deadline.cancel()
@@ -190,9 +198,10 @@ def interrupt_when(
 def assert_interrupted(code: int, stderr: str, seconds: float) -> None:
     """Exit 130, `interrupted` once and as the last line, no traceback, no dropped exception, quickly."""
     assert code == 130, stderr[-3000:]
-    assert stderr.splitlines()[-1] == "interrupted" and stderr.count("interrupted\n") == 1, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert lines[-1] == "interrupted" and lines.count("interrupted") == 1, stderr[-3000:]
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
-    assert not any(line.startswith("error:") for line in stderr.splitlines()), stderr[-3000:]
+    assert not any(line.startswith("error:") for line in lines), stderr[-3000:]
     assert seconds < 10, seconds  # about a second on an idle machine: the exit skips the interpreter teardown
 
 

@@ -367,6 +367,18 @@ def test_ctrl_c_while_saving_removes_the_half_written_output_and_keeps_finished_
         assert latent.endswith("_latent.safetensors") and load_latent(str(out / latent))[1]["prompt"] == "a red box"
 
 
+def test_a_second_ctrl_c_while_the_first_is_reported_still_ends_with_one_line(models, bad_files, tmp_path):
+    """`accelerate launch` forwards the terminal's SIGINT to processes that got it already: the second one lands
+    while the first is being reported (held up there), and the script still ends as for one."""
+    out = tmp_path / "out"
+    cmd = generation(models, bad_files, out, "--image_path", str(bad_files / "start.png"), "--prompt", "a red box",
+                     "--infer_steps", "400", "--output_type", "latent")  # fmt: skip
+    code, stderr, seconds = interrupt_when(held_up(cmd, "utils.cli:report_interrupted"), r"section 1/1", again=PAUSED)
+    assert PAUSED in stderr
+    assert_interrupted(code, stderr, seconds)
+    assert files_under(out) == []
+
+
 def test_a_swallowed_ctrl_c_still_ends_the_script_within_the_grace(tmp_path):
     """A KeyboardInterrupt dropped by a library (here: caught and ignored) is ended by the watchdog; its cleanups
     run first."""

@@ -224,7 +224,9 @@ def script_main(main: Callable[[], int], interrupt_grace_s: float | None = None)
     An input error (2) or an interruption (130) leaves through os._exit once the output is flushed: the
     interpreter's teardown of torch and transformers takes seconds, and a Ctrl-C should stop the script at once.
     With `interrupt_grace_s` an InterruptWatchdog ends a run that a Ctrl-C did not end within that many seconds; it
-    needs the main thread (signal.set_wakeup_fd), which every process of `accelerate launch` runs its script in."""
+    needs the main thread (signal.set_wakeup_fd), which every process of `accelerate launch` runs its script in.
+    A second Ctrl-C that arrives while the first is being reported (`accelerate launch` forwards the terminal's
+    SIGINT to processes that got it already) ends the script the same way."""
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
@@ -236,10 +238,18 @@ def script_main(main: Callable[[], int], interrupt_grace_s: float | None = None)
             return main() if argv is None else main(argv)
         except SystemExit as e:
             if e.code in (EXIT_BAD_INPUT, EXIT_INTERRUPTED):
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(e.code)
+                _exit_now(e.code)
             raise
+        except KeyboardInterrupt:
+            report_interrupted()
+            _exit_now(EXIT_INTERRUPTED)
 
     return run
+
+
+def _exit_now(status: int) -> None:
+    """Flush the output and end the process without the interpreter's teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
