@@ -27,6 +27,7 @@ FLUX_SHIFT_MAX = 7.0
 FLUX_SIGMA_EXPONENT = 1.0
 
 T_SCALE = 1000.0  # sigma -> model timestep; also the distilled-guidance multiplier
+MAX_INFER_STEPS = 1000  # the model was trained on 1000 timesteps: more steps than that only repeat them
 UNIPC_MAX_ORDER = 3
 UNIPC_VARIANTS = ("bh1", "bh2")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from frame_pack.attention import ATTN_MODES
 from frame_pack.block_swap import MAX_BLOCKS_TO_SWAP_INFERENCE
 from frame_pack.extend import F1_CONTEXT_FRAMES, ORIGINAL_CONTEXT_FRAMES, resolve_context_frames
-from frame_pack.sampling import SAMPLE_SOLVERS, validate_sample_solver
+from frame_pack.sampling import MAX_INFER_STEPS, SAMPLE_SOLVERS, validate_sample_solver
 from frame_pack.sections import total_sections, video_latent_frames
 from frame_pack.timed_prompts import TimedPromptError, is_timed_prompt, section_prompts
 from hunyuan_model.frame_math import LATENT_CHANNELS, latent_size, pixel_frames
@@ -404,9 +404,23 @@ def check_run_values(settings: GenerationSettings, flag_of: Callable[[str], str]
     and masks against the control images given. `flag_of` names the flag (or line option) of a settings field."""
     check_finite({field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}, flag_of)
     check_seeds(settings, flag_of)
+    check_counts(settings, flag_of)
     check_video_length(settings, flag_of)
     check_latent_paddings(settings, flag_of("latent_paddings"))
     check_control_images(settings, flag_of)
+
+
+MAX_N_SEEDS = 1_000_000  # renders of one prompt; a larger count is a typo (the list of seeds is built up front)
+
+
+def check_counts(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:
+    """Counts a typo could make huge, bounded by what a run can use."""
+    if settings.infer_steps > MAX_INFER_STEPS:
+        raise UsageError(
+            f"{flag_of('infer_steps')} {settings.infer_steps}: at most {MAX_INFER_STEPS} (the model's timesteps)"
+        )
+    if settings.n_seeds is not None and settings.n_seeds > MAX_N_SEEDS:
+        raise UsageError(f"{flag_of('n_seeds')} {settings.n_seeds}: at most {MAX_N_SEEDS:,} renders of one prompt")
 
 
 DECODED_BYTES_PER_VALUE = 2  # the VAE decodes in a 16-bit dtype; the whole video is held before it is written
@@ -415,11 +429,10 @@ DECODED_BYTES_PER_VALUE = 2  # the VAE decodes in a 16-bit dtype; the whole vide
 def check_video_length(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:
     """The video asked for must fit in this machine's memory: decoded (3 values per pixel per frame) or, for
     --output_type latent, as latents. A typo such as --video_seconds 50000 is refused before anything is
-    allocated, instead of sampling for days and running out of memory at the end."""
-    if settings.one_frame:
-        return
+    allocated, instead of sampling for days and running out of memory at the end. One-frame inference makes one
+    frame, so only its size counts."""
     sections = total_sections(settings.video_seconds, settings.latent_window_size, settings.video_sections)
-    latents = video_latent_frames(sections, settings.latent_window_size)
+    latents = 1 if settings.one_frame else video_latent_frames(sections, settings.latent_window_size)
     height, width = settings.video_size
     if settings.output_type == "latent":
         h, w = latent_size(height, width)
@@ -428,11 +441,14 @@ def check_video_length(settings: GenerationSettings, flag_of: Callable[[str], st
         needed, held = pixel_frames(latents) * 3 * height * width * DECODED_BYTES_PER_VALUE, "decoded"
     available = system_memory_bytes()
     if needed > available:
-        field = "video_sections" if settings.video_sections is not None else "video_seconds"
+        if settings.one_frame:
+            field, what = "video_size", f"one frame of {width}x{height} needs"
+        else:
+            field = "video_sections" if settings.video_sections is not None else "video_seconds"
+            what = f"{sections} sections ({pixel_frames(latents)} frames of {width}x{height}) need"
         raise UsageError(
-            f"{flag_of(field)}: {sections} sections ({pixel_frames(latents)} frames of {width}x{height}) "
-            f"need {needed / 2**30:.1f} GiB {held}, more than this machine's {available / 2**30:.1f} GiB; "
-            "give a shorter video"
+            f"{flag_of(field)}: {what} {needed / 2**30:.1f} GiB {held}, more than this machine's "
+            f"{available / 2**30:.1f} GiB; give a shorter or smaller video"
         )
 
 

@@ -242,8 +242,16 @@ BAD = {
         "--from_file {d}/bad_lines.txt", ("bad_lines.txt", "line 2", "line 3", "line 4", "line 5: --vs: 100000000 sec")
     ),
     # video lengths beyond this machine's memory (a typo): refused before anything is allocated
-    "video_sections beyond memory": Bad("--video_sections 100000000", ("--video_sections", "GiB", "shorter video")),
+    "video_sections beyond memory": Bad(
+        "--video_sections 100000000", ("--video_sections", "GiB", "shorter or smaller video")
+    ),
     "video_seconds beyond memory": Bad("--video_seconds 1e9", ("--video_seconds", "GiB")),
+    "one frame beyond memory": Bad(
+        "--one_frame_inference target_index=1 --video_size 160000 160000",
+        ("--video_size", "one frame of 160000x160000"),
+    ),
+    "infer_steps beyond the timesteps": Bad("--infer_steps 1000000000", ("--infer_steps", "at most 1000")),
+    "n_seeds huge": Bad("--n_seeds 100000000000000000000", ("--n_seeds", "at most 1,000,000")),
     "latent output beyond memory": Bad(
         "--video_sections 1000000000 --output_type latent", ("--video_sections", "as float32 latents")
     ),
@@ -483,4 +491,8 @@ def test_a_video_is_refused_exactly_when_its_frames_exceed_the_machines_memory(m
         monkeypatch.setattr(GA, "system_memory_bytes", lambda needed=needed: needed - 1)
         with pytest.raises(UsageError, match=r"^--video_sections: 2 sections \(25 frames of 48x32\)"):
             GA.check_video_length(settings)
-    GA.check_video_length(decoded.replace(one_frame_inference="target_index=1"))  # one frame: no section count
+    one_frame = decoded.replace(one_frame_inference="target_index=1")
+    monkeypatch.setattr(GA, "system_memory_bytes", lambda: 3 * 32 * 48 * 2)
+    GA.check_video_length(one_frame)  # one frame: the section count does not matter
+    with pytest.raises(UsageError, match=r"^--video_size: one frame of 64x32"):
+        GA.check_video_length(one_frame.replace(video_size=(32, 64)))

@@ -209,7 +209,7 @@ FLAG_CASES = {
     ),
     "sample_prompts_too_long": (
         lambda w: sampling(w, "samples_too_long"),
-        ("samples_too_long.txt", "sample prompt 0", "--f", "GiB", "shorter video"),
+        ("samples_too_long.txt", "sample prompt 0", "--f", "GiB", "shorter or smaller video"),
     ),
     "sample_prompts_bad_size": (lambda w: sampling(w, "samples_bad_size"), ("sample prompt 0", "40")),
     "sample_prompts_bad_json": (lambda w: sampling(w, "samples_json"), ("--sample_prompts", "not a JSON file")),

@@ -29,6 +29,7 @@ from dataset.config import (
     load_dataset_params,
     validate_user_config,
 )
+from frame_pack.sampling import MAX_INFER_STEPS
 from frame_pack.sections import (
     MAX_ONE_FRAME_INDEX,
     MAX_SECTIONS,
@@ -315,7 +316,7 @@ def test_training_sample_prompt_line_parser_only_raises_its_error(line):
         logging.disable(logging.NOTSET)
     fields = {option.field for option in sample_prompts.LINE_OPTIONS.values()}
     assert set(parsed) - {"prompt"} <= fields
-    assert 1 <= parsed.get("sample_steps", 1) <= sample_prompts.MAX_STEPS
+    assert 1 <= parsed.get("sample_steps", 1) <= MAX_INFER_STEPS
 
 
 plain_prompts = st.text(alphabet=string.ascii_letters + string.digits + " ,.!:;-é", min_size=1, max_size=30).filter(

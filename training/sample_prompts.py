@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from frame_pack.sampling import MAX_INFER_STEPS
 from hunyuan_model.frame_math import pixel_frames, round_to_4n_plus_1, sections_in_clip
 from hunyuan_model.latent_preview import preview_path, write_preview
 from pipelines import generate as G
@@ -39,7 +40,6 @@ from utils.video_io import save_images, save_video, to_uint8_frames
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 20
-MAX_STEPS = 1000
 DEFAULT_SIZE = 256
 DEFAULT_FRAME_COUNT = 1
 DEFAULT_DISTILLED_GUIDANCE = 10.0  # FramePack's default embedded guidance for samples
@@ -96,7 +96,7 @@ def parse_prompt_line(line: str) -> dict:
     text, values = parse_line_options(line, LINE_OPTIONS, strict=False, ignore_case=True)
     prompt: dict = {"prompt": text}
     for name, value in values.items():
-        prompt[LINE_OPTIONS[name].field] = max(1, min(MAX_STEPS, value)) if name == "s" else value
+        prompt[LINE_OPTIONS[name].field] = max(1, min(MAX_INFER_STEPS, value)) if name == "s" else value
     return prompt
 
 
