@@ -128,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("HEIGHT", "WIDTH"),
         help="video height and width in pixels (multiples of 16)",
     )
-    gen.add_argument("--video_seconds", type=float, default=GEN.video_seconds, help="video length in seconds")
+    gen.add_argument(
+        "--video_seconds",
+        type=float,
+        default=GEN.video_seconds,
+        help="video length in seconds (the finished video must fit in this machine's memory)",
+    )
     gen.add_argument("--video_sections", type=int, default=None, help="number of sections (overrides --video_seconds)")
     gen.add_argument("--fps", type=int, default=GEN.fps, help="frames per second of the output video")
-    gen.add_argument("--infer_steps", type=int, default=GEN.infer_steps, help="sampling steps per section")
+    gen.add_argument(
+        "--infer_steps", type=int, default=GEN.infer_steps, help=f"sampling steps per section (1 .. {MAX_INFER_STEPS})"
+    )
     gen.add_argument("--seed", type=int, default=None, help="seed (random and printed when omitted)")
     gen.add_argument(
         "--seeds",
@@ -144,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n_seeds",
         type=int,
         default=None,
-        help="render K seeds per prompt: --seed, --seed+1, ... (random seeds without --seed)",
+        help=f"render K seeds per prompt: --seed, --seed+1, ... (random seeds without --seed); K <= {MAX_N_SEEDS:,}",
     )
     add_section_flags(gen)
     gen.add_argument(
@@ -174,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--latent_paddings",
         type=str,
         default=None,
-        help="comma-separated latent paddings per section (integers 0 .. 1000), e.g. 0,0,0,0 (ignored with --f1)",
+        help="comma-separated latent paddings per section, e.g. 0,0,0,0: integers 0 .. max(3, sections - 1); more "
+        "values than sections: the first ones are used, with a warning (ignored with --f1)",
     )
     gen.add_argument(
         "--one_frame_inference",
