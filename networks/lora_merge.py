@@ -250,11 +250,12 @@ def plan_lora_merge(
     exclude_patterns: str | Sequence[str | None] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    flag: str = "--lora_weight",
 ) -> LoraMergePlan:
     """Read, convert, filter and check every LoRA file against `model`, which may be a meta-device skeleton.
 
-    Arguments as `merge_lora_files`. Errors (unknown layout, a file none of whose keys fits, shapes of another
-    model size) are raised here, before any DiT weight is read.
+    Arguments as `merge_lora_files`; `flag` names the files in errors. Errors (unknown layout, a file none of whose
+    keys fits, shapes of another model size) are raised here, before any DiT weight is read.
     """
     paths, multipliers, includes, excludes = _normalized(lora_paths, multipliers, include_patterns, exclude_patterns)
     linears = target_linears(model)
@@ -262,9 +263,26 @@ def plan_lora_merge(
     reports = []
     for path, multiplier, include, exclude in zip(paths, multipliers, includes, excludes):
         logger.info(f"LoRA {path} with multiplier {multiplier}")
-        sd, metadata = load_lora_file(path)
+        sd, metadata = load_lora_file(path, flag)
         reports.append(_plan_file(linears, path, sd, metadata, multiplier, include, exclude, deltas))
     return LoraMergePlan(deltas, reports, device, dtype)
+
+
+def check_loras_fit(
+    model: nn.Module,
+    flag: str,
+    lora_paths: Sequence[str],
+    multipliers: float | Sequence[float] | None = None,
+    include_patterns: str | Sequence[str | None] | None = None,
+    exclude_patterns: str | Sequence[str | None] | None = None,
+) -> None:
+    """`plan_lora_merge` on the CPU as a check before anything loads (`model` is usually a meta-device skeleton):
+    a file that is not a LoRA, or one of another model, raises LoraFormatError naming `flag`."""
+    try:
+        plan_lora_merge(model, lora_paths, multipliers, include_patterns, exclude_patterns, device="cpu", flag=flag)
+    except LoraFormatError as e:
+        message = str(e)
+        raise LoraFormatError(message if message.startswith("--") else f"{flag} {message}") from None
 
 
 def merge_lora_files(

@@ -48,8 +48,7 @@ def check_loras_fit(models: ModelSettings, lora_sets: Iterable[tuple[str, LoraSe
     if models.lycoris:
         return
     from frame_pack.dit_loader import dit_skeleton
-    from networks.lora_convert import LoraFormatError
-    from networks.lora_merge import plan_lora_merge
+    from networks.lora_merge import check_loras_fit as check_fit
 
     sets: dict[LoraSet, str] = {}
     for flag, loras in lora_sets:
@@ -59,18 +58,9 @@ def check_loras_fit(models: ModelSettings, lora_sets: Iterable[tuple[str, LoraSe
         return
     skeleton = dit_skeleton(models.dit)
     for loras, flag in sets.items():
-        try:
-            plan_lora_merge(
-                skeleton,
-                [spec.path for spec in loras],
-                [spec.multiplier for spec in loras],
-                [spec.include for spec in loras],
-                [spec.exclude for spec in loras],
-                device="cpu",
-            )
-        except LoraFormatError as e:
-            message = str(e)
-            raise LoraFormatError(message if message.startswith("--") else f"{flag} {message}") from None
+        paths, multipliers = [spec.path for spec in loras], [spec.multiplier for spec in loras]
+        includes, excludes = [spec.include for spec in loras], [spec.exclude for spec in loras]
+        check_fit(skeleton, flag, paths, multipliers, includes, excludes)
 
 
 def check_images_readable(settings: GenerationSettings, flag_of=lambda field: f"--{field}") -> None:

@@ -220,6 +220,11 @@ FLAG_CASES = {
     "dit_text": (lambda w: ["--dit", w["text"]], ("--dit", "notes.safetensors")),
     "dit_is_a_vae": (lambda w: ["--dit", w["vae"]], ("--dit", "FramePack DiT")),
     "base_weights_truncated": (lambda w: ["--base_weights", w["lora_truncated"]], ("--base_weights", "truncated")),
+    "base_weights_other_width": (
+        lambda w: ["--base_weights", w["lora_wide"]],
+        ("--base_weights", "lora_wide.safetensors"),
+    ),
+    "base_weights_vae": (lambda w: ["--base_weights", w["vae"]], ("--base_weights",)),
     "config_file_missing": (lambda w: ["--config_file", w["root"] / "nope"], ("--config_file", "not found")),
     "config_file_not_toml": (lambda w: ["--config_file", w["bad_toml"]], ("--config_file", "TOML")),
     "config_file_wrong_type": (lambda w: ["--config_file", w["wrong_type"]], ("learning_rate = [1, 2]", "a number")),

@@ -487,6 +487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def base_weight_multipliers(args: argparse.Namespace) -> list[float]:
+    """One multiplier per --base_weights file: --base_weights_multiplier in order, 1.0 for the files after it."""
+    given = args.base_weights_multiplier or []
+    return [given[i] if i < len(given) else 1.0 for i in range(len(args.base_weights or []))]
+
+
 def attention_mode(args: argparse.Namespace) -> str:
     for flag, mode in ATTENTION_FLAGS.items():
         if getattr(args, flag):

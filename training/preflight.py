@@ -14,6 +14,7 @@ import torch
 
 from networks.lora import DOWN_KEY, LORA_PREFIX, UP_KEY
 from networks.lora_convert import load_lora_file
+from training.args import base_weight_multipliers
 from training.tracking import check_trackers
 from utils.cli import UsageError, UserError, check_output_folder, log_level, one_line
 from utils.safetensors_utils import read_header
@@ -132,9 +133,11 @@ def check_training_files(args: argparse.Namespace) -> None:
     from frame_pack.dit_loader import read_dit_config
 
     read_dit_config(args.dit, "--dit")
-    for path in args.base_weights or []:
-        if path.endswith(".safetensors"):
-            read_header(path, "--base_weights")
+    if args.base_weights:
+        from frame_pack.dit_loader import dit_skeleton
+        from networks.lora_merge import check_loras_fit
+
+        check_loras_fit(dit_skeleton(args.dit), "--base_weights", args.base_weights, base_weight_multipliers(args))
     expected: int | dict[str, int] = DEFAULT_NETWORK_DIM if args.network_dim is None else args.network_dim
     against = f"--network_dim {expected}"
     if args.network_weights:

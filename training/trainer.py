@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from frame_pack.sections import CLEAN_2X_FRAMES, CLEAN_4X_FRAMES
 from pipelines.flags import compile_settings
 from training import checkpoints as C
-from training.args import ATTENTION_FLAGS, attention_mode, parse_args
+from training.args import ATTENTION_FLAGS, attention_mode, base_weight_multipliers, parse_args
 from training.data import build_dataloader
 from training.optim import create_lr_scheduler, create_optimizer
 from training.preflight import check_training_files
@@ -170,10 +170,10 @@ def load_dit(args: argparse.Namespace, device: torch.device):
     if args.base_weights:
         from networks.lora_merge import plan_lora_merge
 
-        multipliers = args.base_weights_multiplier or []
-        multipliers = [multipliers[i] if i < len(multipliers) else 1.0 for i in range(len(args.base_weights))]
         dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
-        merge = plan_lora_merge(skeleton, args.base_weights, multipliers, dtype=dtype)
+        merge = plan_lora_merge(
+            skeleton, args.base_weights, base_weight_multipliers(args), dtype=dtype, flag="--base_weights"
+        )
     fp8 = Fp8Settings(scaled=args.fp8_scaled) if args.fp8_base else None  # before the LoRA takes over the forwards
     dit = load_packed_model(
         args.dit, "cpu", attn_mode=mode, split_attn=args.split_attn, weight_transform=merge, fp8=fp8
