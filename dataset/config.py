@@ -23,6 +23,7 @@ from typing import Any
 
 from dataset.buckets import RESOLUTION_STEP, BucketSelector
 from dataset.frames import FRAME_EXTRACTION_MODES
+from hunyuan_model.frame_math import MAX_LATENT_WINDOW_SIZE
 from utils.cli import UserError
 from utils.toml_file import TomlFileError, read_toml
 
@@ -63,15 +64,15 @@ MAX_CONFIG_INTEGER = 100_000
 MAX_RESOLUTION_SIDE = 16_384
 
 
-def _int(minimum: int) -> Callable[[Any], int]:
+def _int(minimum: int, maximum: int = MAX_CONFIG_INTEGER) -> Callable[[Any], int]:
     def check(value):
         if not _is_int(value):
             hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
             raise _Invalid(f"an integer, got {_type_name(value)} {value!r}{hint}")
         if value < minimum:
             raise _Invalid(f"an integer >= {minimum}, got {value}")
-        if value > MAX_CONFIG_INTEGER:
-            raise _Invalid(f"an integer <= {MAX_CONFIG_INTEGER}, got {value}")
+        if value > maximum:
+            raise _Invalid(f"an integer <= {maximum}, got {value}")
         return value
 
     return check
@@ -147,7 +148,7 @@ IMAGE_KEYS: dict[str, Callable[[Any], Any]] = {
     "image_jsonl_file": _str,
     "cache_directory": _str,
     "control_directory": _str,
-    "fp_latent_window_size": _int(1),
+    "fp_latent_window_size": _int(1, MAX_LATENT_WINDOW_SIZE),
     "fp_1f_clean_indices": _int_list(0),
     "fp_1f_target_index": _int(0),
     "fp_1f_no_post": _bool,
@@ -165,7 +166,7 @@ VIDEO_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_frames": _int(1),
     "cache_directory": _str,
     "source_fps": _positive_float,
-    "fp_latent_window_size": _int(1),
+    "fp_latent_window_size": _int(1, MAX_LATENT_WINDOW_SIZE),
 }
 TRAINING_TABLE, VALIDATION_TABLE = "datasets", "validation_datasets"
 TOP_LEVEL_KEYS = ("general", TRAINING_TABLE, VALIDATION_TABLE)

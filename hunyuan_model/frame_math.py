@@ -11,6 +11,10 @@ from __future__ import annotations
 LATENT_CHANNELS = 16
 SPATIAL_COMPRESSION = 8
 TEMPORAL_COMPRESSION = 4
+# Largest latent window: a section of 4·33 - 3 = 129 frames, the longest clip HunyuanVideo generates in one go.
+# FramePack-Studio and the ComfyUI wrapper cap their window at 33 too; a larger one is a typo that would make each
+# DiT call quadratically slower (and exhaust memory).
+MAX_LATENT_WINDOW_SIZE = 33
 
 
 def latent_frames(frames: int) -> int:

@@ -13,10 +13,11 @@ from frame_pack.compile import COMPILE_DYNAMIC, COMPILE_MODES, CompileSettings
 from frame_pack.magcache import DEFAULT_K, DEFAULT_RETENTION_RATIO, DEFAULT_THRESHOLD, parse_mag_ratios
 from frame_pack.step_cache import StepCacheSettings
 from frame_pack.teacache import DEFAULT_THRESHOLD as TEACACHE_DEFAULT_THRESHOLD
-from hunyuan_model.frame_math import SPATIAL_COMPRESSION
+from hunyuan_model.frame_math import MAX_LATENT_WINDOW_SIZE, SPATIAL_COMPRESSION, pixel_frames
 from hunyuan_model.tokenizers import DEFAULT_TOKENIZER_REPO
 from hunyuan_model.vae import DEFAULT_TILE_SAMPLE_SIZE
 from pipelines.settings import GenerationSettings
+from utils.cli import UsageError
 
 MODEL_PATH_HELP = {
     "--dit": "FramePack DiT: first shard, shard folder, snapshot folder or single .safetensors file",
@@ -96,11 +97,20 @@ def add_section_flags(group, note: str | None = None) -> None:
         "--latent_window_size",
         type=int,
         default=GenerationSettings.latent_window_size,
-        help=_help("latent frames generated per section", note),
+        help=_help(f"latent frames generated per section (1 .. {MAX_LATENT_WINDOW_SIZE})", note),
     )
     group.add_argument(
         "--bulk_decode", action="store_true", help="decode all latent frames in one VAE call (faster, more memory)"
     )
+
+
+def check_latent_window_size(value: int, flag: str = "--latent_window_size") -> None:
+    """1 .. MAX_LATENT_WINDOW_SIZE latent frames per section."""
+    if not 1 <= value <= MAX_LATENT_WINDOW_SIZE:
+        raise UsageError(
+            f"{flag} {value}: from 1 to {MAX_LATENT_WINDOW_SIZE} (a section of at most "
+            f"{pixel_frames(MAX_LATENT_WINDOW_SIZE)} frames)"
+        )
 
 
 def add_blocks_to_swap_flag(group, default: int | None, maximum: int) -> None:

@@ -36,6 +36,7 @@ from pipelines.flags import (
     add_tokenizer_flags,
     add_vae_dtype_flag,
     add_vae_memory_flags,
+    check_latent_window_size,
     compile_settings,
     step_cache_settings,
 )
@@ -423,6 +424,7 @@ MAX_N_SEEDS = 1_000_000  # renders of one prompt; a larger count is a typo (the 
 
 def check_counts(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:
     """Counts a typo could make huge, bounded by what a run can use."""
+    check_latent_window_size(settings.latent_window_size, flag_of("latent_window_size"))
     if settings.infer_steps > MAX_INFER_STEPS:
         raise UsageError(
             f"{flag_of('infer_steps')} {settings.infer_steps}: at most {MAX_INFER_STEPS} (the model's timesteps)"

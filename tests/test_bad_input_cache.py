@@ -73,6 +73,7 @@ def world(models, tmp_path_factory):
     w["jsonl"] = config("jsonl", jsonl)
     w["no_captions"] = own_videos("no_captions", caption_extension=".caption")
     w["good"] = own_videos("good")
+    w["window_too_large"] = own_videos("window_too_large", fp_latent_window_size=90)
     w["text"] = write_text(root / "notes.safetensors")
     encoder = Path(models.image_encoder)
     w["image_encoder_cut"] = truncated_copy(encoder, root / "cut" / encoder.name)
@@ -108,6 +109,12 @@ CASES = {
         "empty",
     ),
     "latents_source_fps_inf": (LATENTS, lambda w: latents(w, "fps_inf"), ("source_fps", "finite"), None),
+    "latents_window_size_too_large": (
+        LATENTS,
+        lambda w: latents(w, "window_too_large"),
+        ("fp_latent_window_size", "<= 33", "90"),
+        "window_too_large",
+    ),
     "latents_cache_directory_is_a_file": (
         LATENTS,
         lambda w: latents(w, "cache_is_a_file"),

@@ -250,6 +250,7 @@ BAD = {
         "--one_frame_inference target_index=1 --video_size 160000 160000",
         ("--video_size", "one frame of 160000x160000"),
     ),
+    "latent_window_size too large": Bad("--latent_window_size 100000", ("--latent_window_size 100000", "from 1 to 33")),
     "infer_steps beyond the timesteps": Bad("--infer_steps 1000000000", ("--infer_steps", "at most 1000")),
     "n_seeds huge": Bad("--n_seeds 100000000000000000000", ("--n_seeds", "at most 1,000,000")),
     "latent output beyond memory": Bad(

@@ -236,6 +236,10 @@ FLAG_CASES = {
         ("--optimizer_args", "no_such_kw"),
     ),
     "log_with_without_logging_dir": (lambda w: ["--log_with", "tensorboard"], ("--log_with", "--logging_dir")),
+    "latent_window_size_too_large": (
+        lambda w: ["--latent_window_size", "90"],
+        ("--latent_window_size 90", "from 1 to 33", "129 frames"),
+    ),
     "validation_split_too_big": (lambda w: ["--validation_split", "0.5"], ("--validation_split",)),
 }  # fmt: skip
 # name -> (the world's dataset config to train on, substrings of the error line)

@@ -103,14 +103,24 @@ class RecordingModel:
         self.calls = []
 
     def __call__(self, hidden_states, timestep, guidance, encoder_hidden_states, **kwargs):
-        self.calls.append(dict(hidden_states=hidden_states, timestep=timestep, guidance=guidance,
-                               text=encoder_hidden_states, kwargs=kwargs))
+        self.calls.append(
+            dict(
+                hidden_states=hidden_states,
+                timestep=timestep,
+                guidance=guidance,
+                text=encoder_hidden_states,
+                kwargs=kwargs,
+            )
+        )
         return (0.5 * hidden_states + encoder_hidden_states.to(hidden_states.dtype),)
 
 
 def _conditioning(value):
-    return {"encoder_hidden_states": torch.full((1, 1, 1, 1, 1), value), "pooled_projections": None,
-            "encoder_attention_mask": None}
+    return {
+        "encoder_hidden_states": torch.full((1, 1, 1, 1, 1), value),
+        "pooled_projections": None,
+        "encoder_attention_mask": None,
+    }
 
 
 def test_wrapper_single_call_without_cfg():

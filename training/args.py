@@ -26,6 +26,7 @@ from pipelines.flags import (
     add_tokenizer_flags,
     add_vae_dtype_flag,
     add_vae_memory_flags,
+    check_latent_window_size,
     compile_settings,
     step_cache_settings,
 )
@@ -594,6 +595,7 @@ def validate_args(args: argparse.Namespace) -> None:
             if "=" not in item:
                 raise ValueError(f"--{key} {item!r}: expected key=value")
     check_numbers(args)
+    check_latent_window_size(args.latent_window_size)
     check_network_module(args.network_module)
     check_network_args(args.network_args)
 
