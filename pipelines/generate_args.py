@@ -369,6 +369,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check_device(args.device)
     settings = GenerationSettings.from_args(args)
     check_run_values(settings)
+    warn_unused_flags(args)
     check_prompt_times(settings, "--prompt")
     check_extension(settings, "--extend_video", lines_may_extend=bool(args.from_file or args.interactive))
     for flag in ("control_image_path", "control_image_mask_path", "latent_path", "lora_weight"):
@@ -460,6 +461,19 @@ def check_video_length(settings: GenerationSettings, flag_of: Callable[[str], st
             f"{flag_of(field)}: {what} {needed / 2**30:.1f} GiB {held}, more than this machine's "
             f"{available / 2**30:.1f} GiB; give a shorter or smaller video"
         )
+
+
+def warn_unused_flags(args: argparse.Namespace) -> None:
+    """Flags of the command line the run will not use, said once at startup (musubi-tuner ignores them without a
+    word). Prompt-file and interactive lines may still give the LoRAs a --lora_multiplier is for."""
+    mode = "--f1" if args.f1 else "--one_frame_inference" if args.one_frame_inference else None
+    if args.end_image_path and mode:
+        logger.warning(f"--end_image_path is ignored with {mode}: only the original model's sections end on it")
+    if args.latent_paddings is not None and mode:
+        logger.warning(f"--latent_paddings is ignored with {mode}")
+    lines_may_set = args.from_file or args.interactive
+    if isinstance(args.lora_multiplier, list) and not args.lora_weight and not lines_may_set:
+        logger.warning("--lora_multiplier is ignored: no --lora_weight is given")
 
 
 def check_seeds(settings: GenerationSettings, flag_of: Callable[[str], str] = command_line_flag) -> None:

@@ -497,3 +497,28 @@ def test_a_video_is_refused_exactly_when_its_frames_exceed_the_machines_memory(m
     GA.check_video_length(one_frame)  # one frame: the section count does not matter
     with pytest.raises(UsageError, match=r"^--video_size: one frame of 64x32"):
         GA.check_video_length(one_frame.replace(video_size=(32, 64)))
+
+
+@pytest.mark.parametrize(
+    "flags, warning",
+    [
+        ("--f1 --end_image_path e.png", "--end_image_path is ignored with --f1"),
+        ("--one_frame_inference target_index=1 --end_image_path e.png", "--end_image_path is ignored with --one_frame"),
+        ("--f1 --latent_paddings 0,0", "--latent_paddings is ignored with --f1"),
+        ("--lora_multiplier 1 2", "--lora_multiplier is ignored: no --lora_weight"),
+        ("--lora_multiplier 1 2 --from_file p.txt", None),  # the lines may give LoRAs
+        ("--end_image_path e.png", None),
+    ],
+)
+def test_flags_the_run_will_not_use_are_warned_about(caplog, flags, warning):
+    import shlex
+
+    from pipelines.generate_args import build_parser, warn_unused_flags
+
+    with caplog.at_level("WARNING", logger="pipelines.generate_args"):
+        warn_unused_flags(build_parser().parse_args(["--save_path", "out", *shlex.split(flags)]))
+    messages = [record.getMessage() for record in caplog.records]
+    if warning is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warning in messages[0], messages
