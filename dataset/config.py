@@ -224,6 +224,8 @@ DatasetParams = ImageDatasetParams | VideoDatasetParams
 
 def load_user_config(path: str) -> dict:
     """Parse a `.toml` or `.json` (suffix, any case) config file into a dict, without validating it."""
+    if os.path.isdir(path):
+        raise DatasetConfigError("is a folder; give a .toml or .json dataset config file", file=str(path))
     if not os.path.isfile(path):
         raise DatasetConfigError("file not found", file=str(path))
     lower = str(path).lower()

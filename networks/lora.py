@@ -461,6 +461,20 @@ def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
 
+# The --network_args keys the training network reads (as musubi-tuner's LoRA does); conv_dim/conv_alpha are
+# accepted and ignored, the DiT's target blocks having no convolutions.
+NETWORK_ARG_KEYS = (
+    "conv_dim",
+    "conv_alpha",
+    "rank_dropout",
+    "module_dropout",
+    "exclude_patterns",
+    "include_patterns",
+    "verbose",
+    "loraplus_lr_ratio",
+)
+
+
 def create_network(
     target_replace_modules: Sequence[str],
     prefix: str,

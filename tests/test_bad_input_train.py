@@ -240,6 +240,13 @@ FLAG_CASES = {
         lambda w: ["--latent_window_size", "90"],
         ("--latent_window_size 90", "from 1 to 33", "129 frames"),
     ),
+    "network_args_unknown_key": (
+        lambda w: ["--network_args", "loraplus_lr_rato=4"],
+        ("--network_args loraplus_lr_rato=4", "did you mean loraplus_lr_ratio?"),
+    ),
+    "output_name_empty": (lambda w: ["--output_name", ""], ("--output_name ''", "file name")),
+    "output_name_with_a_folder": (lambda w: ["--output_name", "runs/a"], ("--output_name 'runs/a'", "--output_dir")),
+    "dataset_config_is_a_folder": (lambda w: ["--dataset_config", w["root"]], ("is a folder", ".toml")),
     "validation_split_too_big": (lambda w: ["--validation_split", "0.5"], ("--validation_split",)),
 }  # fmt: skip
 # name -> (the world's dataset config to train on, substrings of the error line)

@@ -7,6 +7,7 @@ default or a check differs on purpose (a defect of musubi-tuner fixed), the flag
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -594,10 +595,14 @@ def validate_args(args: argparse.Namespace) -> None:
         for item in getattr(args, key) or []:
             if "=" not in item:
                 raise ValueError(f"--{key} {item!r}: expected key=value")
+    if args.output_name is not None and (not args.output_name.strip() or os.sep in args.output_name):
+        raise ValueError(
+            f"--output_name {args.output_name!r}: give a file name without a folder (the folder is --output_dir)"
+        )
     check_numbers(args)
     check_latent_window_size(args.latent_window_size)
     check_network_module(args.network_module)
-    check_network_args(args.network_args)
+    check_network_args(args.network_args, args.network_module)
 
 
 # (flag, lowest allowed value or None, first value above the range or None); every value must be finite
@@ -644,10 +649,21 @@ NETWORK_ARG_FRACTIONS = ("rank_dropout", "module_dropout")
 NETWORK_ARG_PATTERNS = ("exclude_patterns", "include_patterns")
 
 
-def check_network_args(items: list[str] | None) -> None:
-    from networks.lora import parse_pattern_list
+def check_network_args(items: list[str] | None, network_module: str = DEFAULT_NETWORK_MODULE) -> None:
+    """Values of the keys our LoRA reads; with our LoRA (networks.*) any other key is a typo and refused (another
+    --network_module may take keys of its own)."""
+    from networks.lora import NETWORK_ARG_KEYS, parse_pattern_list
 
     values = dict(item.partition("=")[::2] for item in items or [])
+    if network_module.startswith("networks."):
+        for key in values:
+            if key not in NETWORK_ARG_KEYS:
+                close = difflib.get_close_matches(key, NETWORK_ARG_KEYS, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise UsageError(
+                    f"--network_args {key}={values[key]}: {network_module} takes no {key!r} ({hint}it takes "
+                    f"{', '.join(NETWORK_ARG_KEYS)})"
+                )
     for key in (*NETWORK_ARG_FRACTIONS, "loraplus_lr_ratio"):
         if key not in values:
             continue
