@@ -7,7 +7,6 @@ leaves only complete cache files; a file left by a killed write is removed by th
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,6 @@ from tests.badinput import (
     write_text,
 )
 from tests.factory.datasets import make_video_dataset, write_config, write_jsonl
-from tests.test_bad_input_train import Running
 from utils.cli import INTERRUPT_GRACE_S
 
 LATENTS = "fpack_cache_latents.py"
@@ -209,21 +207,24 @@ def test_a_video_resolution_off_the_bucket_step_warns_with_the_bucket_it_gets(tm
 
 
 def test_ctrl_c_while_caching_exits_130_and_the_next_run_cleans_up(models, tmp_path):
-    videos = make_video_dataset(tmp_path, lengths=(13,) * 24, name="many")
+    """SIGINT while the fourth cache file is saved (held up before its rename by tests/pause_launcher.py): the three
+    finished files stay, the fourth's temporary file goes; the next run with --skip_existing caches only the rest."""
+    videos = make_video_dataset(tmp_path, lengths=(13,) * 6, name="many")
     config = write_config(tmp_path / "many.toml", [video_entry(videos.directory)])
     argv = ["--dataset_config", config, "--vae", models.vae, "--image_encoder", models.image_encoder,
             "--device", "cpu", "--num_workers", "1", "--skip_existing"]  # fmt: skip
-    run = Running(LATENTS, argv)
-    run.wait_for(lambda: run.stderr.count(": caching ") >= 3)
-    run.process.send_signal(signal.SIGINT)
-    code = run.finish()
-    lines = run.stderr.splitlines()
-    assert code == 130, run.stderr[-3000:]
-    assert [line for line in lines if line.strip() == "interrupted"] == ["interrupted"]
-    assert "Traceback" not in run.stderr and not any(line.startswith("error:") for line in lines)
+    held = r"_fp\.safetensors\.tmp\d+',"  # one file per video: 13 frames are one section of window size 3
+    seen = {}
+    code, stderr, seconds = interrupt_when(
+        held_up([sys.executable, LATENTS, *argv], "os:replace", match=held, call=4),
+        PAUSED,
+        at_signal=lambda: seen.update(temporary=leftovers(videos.directory)),
+    )
+    assert_interrupted(code, stderr, seconds)
+    assert len(seen["temporary"]) == 1  # the signal came while the fourth file was being saved
     assert leftovers(videos.directory) == []
     written = sorted(videos.directory.glob("*_fp.safetensors"))
-    assert 1 <= len(written) < 24  # stopped midway; what is there is complete
+    assert len(written) == 3
     for path in written:
         assert load_file(path)  # complete: the header's length matches and every tensor reads
 
@@ -234,8 +235,8 @@ def test_ctrl_c_while_caching_exits_130_and_the_next_run_cleans_up(models, tmp_p
     result = run_script(LATENTS, argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert leftovers(videos.directory) == []
-    assert len(list(videos.directory.glob("*_fp.safetensors"))) == 24
-    assert result.stderr.count(": caching ") == 24 - len(written)  # the complete ones were kept
+    assert len(list(videos.directory.glob("*_fp.safetensors"))) == 6
+    assert result.stderr.count(": caching ") == 3  # the complete ones were kept
 
 
 # Ctrl-C while the models load: tests/pause_launcher.py holds the loader up and the signal is sent when it says so.
