@@ -72,6 +72,7 @@ from pipelines.flags import (
     add_model_path,
     add_vae_dtype_flag,
     add_vae_memory_flags,
+    check_vae_memory_flags,
 )
 from pipelines.models import ModelCache
 from pipelines.settings import ModelSettings
@@ -340,6 +341,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.debug_mode is None and args.vae is None:
         raise CachingError("--vae is required (unless --debug_mode)")
     check_common_arguments(args)
+    check_vae_memory_flags(args)
     if args.vae_tiling:
         logger.info("--vae_tiling has no effect: FramePack always tiles the VAE spatially")
 

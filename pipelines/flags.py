@@ -17,7 +17,7 @@ from hunyuan_model.frame_math import MAX_LATENT_WINDOW_SIZE, SPATIAL_COMPRESSION
 from hunyuan_model.tokenizers import DEFAULT_TOKENIZER_REPO
 from hunyuan_model.vae import DEFAULT_TILE_SAMPLE_SIZE
 from pipelines.settings import GenerationSettings
-from utils.cli import UsageError
+from utils.cli import UsageError, check_positive
 
 MODEL_PATH_HELP = {
     "--dit": "FramePack DiT: first shard, shard folder, snapshot folder or single .safetensors file",
@@ -75,6 +75,14 @@ def add_vae_memory_flags(group) -> None:
         help=f"VAE spatial tile size in pixels (default: {DEFAULT_TILE_SAMPLE_SIZE}, "
         f"{DEFAULT_TILE_SAMPLE_SIZE // SPATIAL_COMPRESSION} latent)",
     )
+
+
+def check_vae_memory_flags(args) -> None:
+    """--vae_chunk_size > 0; --vae_spatial_tile_sample_min_size at least a 2-latent tile (16 pixels)."""
+    check_positive("--vae_chunk_size", args.vae_chunk_size)
+    tile = args.vae_spatial_tile_sample_min_size
+    if tile is not None and tile < 2 * SPATIAL_COMPRESSION:
+        raise UsageError(f"--vae_spatial_tile_sample_min_size must be at least {2 * SPATIAL_COMPRESSION}, got {tile}")
 
 
 def add_device_flag(group) -> None:

@@ -37,6 +37,7 @@ from pipelines.flags import (
     add_vae_dtype_flag,
     add_vae_memory_flags,
     check_latent_window_size,
+    check_vae_memory_flags,
     compile_settings,
     step_cache_settings,
 )
@@ -345,8 +346,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check_positive("--video_seconds", args.video_seconds)
     check_positive("--video_sections", args.video_sections)
     check_positive("--blocks_to_swap", args.blocks_to_swap, allow_zero=True)
-    check_positive("--vae_chunk_size", args.vae_chunk_size)
-    check_positive("--vae_spatial_tile_sample_min_size", args.vae_spatial_tile_sample_min_size)
+    check_vae_memory_flags(args)
     if args.blocks_to_swap > MAX_BLOCKS_TO_SWAP_INFERENCE:
         raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: at most {MAX_BLOCKS_TO_SWAP_INFERENCE}")
     check_one_frame_options(args.one_frame_inference, "--one_frame_inference")

@@ -107,6 +107,18 @@ CASES = {
         "empty",
     ),
     "latents_source_fps_inf": (LATENTS, lambda w: latents(w, "fps_inf"), ("source_fps", "finite"), None),
+    "latents_vae_tile_too_small": (
+        LATENTS,
+        lambda w: latents(w, "good", "--vae_spatial_tile_sample_min_size", "7"),
+        ("--vae_spatial_tile_sample_min_size", "at least 16", "got 7"),
+        "good",
+    ),
+    "latents_vae_chunk_zero": (
+        LATENTS,
+        lambda w: latents(w, "good", "--vae_chunk_size", "0"),
+        ("--vae_chunk_size must be > 0",),
+        "good",
+    ),
     "latents_window_size_too_large": (
         LATENTS,
         lambda w: latents(w, "window_too_large"),

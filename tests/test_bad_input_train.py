@@ -240,6 +240,7 @@ FLAG_CASES = {
         lambda w: ["--latent_window_size", "90"],
         ("--latent_window_size 90", "from 1 to 33", "129 frames"),
     ),
+    "vae_tile_too_small": (lambda w: ["--vae_spatial_tile_sample_min_size", "8"], ("at least 16", "got 8")),
     "network_args_unknown_key": (
         lambda w: ["--network_args", "loraplus_lr_rato=4"],
         ("--network_args loraplus_lr_rato=4", "did you mean loraplus_lr_ratio?"),

@@ -28,6 +28,7 @@ from pipelines.flags import (
     add_vae_dtype_flag,
     add_vae_memory_flags,
     check_latent_window_size,
+    check_vae_memory_flags,
     compile_settings,
     step_cache_settings,
 )
@@ -541,9 +542,8 @@ def validate_args(args: argparse.Namespace) -> None:
         "sample_every_n_epochs",
         "latent_window_size",
         "network_dim",
-        "vae_chunk_size",
-        "vae_spatial_tile_sample_min_size",
     )
+    check_vae_memory_flags(args)
     _non_negative(
         args,
         "max_data_loader_n_workers",
