@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from networks.lora_switch import LoraSet
 from pipelines.settings import GenerationSettings, ModelSettings
 from utils.cli import UsageError
+from utils.temporary_files import remove_leftover_temporary_files
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def check_images_readable(settings: GenerationSettings, flag_of=lambda field: f"
 
 
 def prepare_save_path(path: str, flag: str = "--save_path") -> None:
-    """Create the output folder now (or refuse it, naming the flag), so that no run is lost at its first save."""
+    """Create the output folder now (or refuse it, naming the flag), so that no run is lost at its first save; remove
+    the temporary files a killed generation left in it."""
     try:
         os.makedirs(path, exist_ok=True)
     except FileExistsError:
@@ -95,3 +97,4 @@ def prepare_save_path(path: str, flag: str = "--save_path") -> None:
         raise UsageError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: the folder is not writable")
+    remove_leftover_temporary_files(path, "*.tmp*")

@@ -522,3 +522,23 @@ def test_flags_the_run_will_not_use_are_warned_about(caplog, flags, warning):
         assert messages == []
     else:
         assert len(messages) == 1 and warning in messages[0], messages
+
+
+def test_the_next_generation_removes_what_a_killed_one_was_writing(tmp_path):
+    """Only the temporary files of processes that no longer run go; a live process's and the user's files stay."""
+    from pipelines.preflight import prepare_save_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        "killed": f"20261201-120000_1.tmp{dead.pid}.mp4",
+        "killed_latent": f"20261201-120000_1.safetensors.tmp{dead.pid}",
+        "running": f"20261201-120001_2.tmp{os.getpid()}.mp4",
+        "users": "notes.tmp.txt",
+        "finished": "20261201-115959_3.mp4",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    prepare_save_path(str(tmp_path))
+    kept = {"running", "users", "finished"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in kept)
