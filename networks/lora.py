@@ -461,6 +461,8 @@ def _optional_float(value) -> float | None:
     return None if value is None else float(value)
 
 
+DEFAULT_NETWORK_DIM = 4  # the rank of a training network made without --network_dim
+
 # The --network_args keys the training network reads (as musubi-tuner's LoRA does); conv_dim/conv_alpha are
 # accepted and ignored, the DiT's target blocks having no convolutions.
 NETWORK_ARG_KEYS = (
@@ -497,7 +499,7 @@ def create_network(
         text_encoders,
         unet,
         multiplier=multiplier,
-        lora_dim=4 if network_dim is None else network_dim,
+        lora_dim=DEFAULT_NETWORK_DIM if network_dim is None else network_dim,
         alpha=1.0 if network_alpha is None else network_alpha,
         dropout=neuron_dropout,
         rank_dropout=_optional_float(kwargs.get("rank_dropout")),

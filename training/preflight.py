@@ -12,16 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from networks.lora import DOWN_KEY, LORA_PREFIX, UP_KEY
+from networks.lora import DEFAULT_NETWORK_DIM, DOWN_KEY, LORA_PREFIX, UP_KEY
 from networks.lora_convert import load_lora_file
-from training.args import base_weight_multipliers
+from training.args import DEFAULT_NETWORK_MODULE, base_weight_multipliers
 from training.tracking import check_trackers
 from utils.cli import UsageError, UserError, check_output_folder, log_level, one_line
 from utils.safetensors_utils import read_header
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NETWORK_DIM = 4  # what the LoRA network uses when --network_dim is not given
 STATE_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # the network in an accelerate state folder
 STATE_REQUIRED_FILES = ("optimizer.bin", "scheduler.bin")
 
@@ -84,15 +83,16 @@ def check_ranks(flag: str, path: str, ranks: dict[str, int], expected: int | dic
         )
 
 
-def check_modules_fit(flag: str, path: str, modules: dict[str, LoraModuleShape], args: argparse.Namespace) -> None:
+def check_modules_fit(
+    flag: str, path: str, modules: dict[str, LoraModuleShape], network_module: str, skeleton: torch.nn.Module
+) -> None:
     """With the FramePack network, every module of the file must name a Linear of the DiT given as --dit, with that
-    Linear's input and output widths (read from the DiT's header through a meta-device skeleton: no weight loads)."""
-    if args.network_module != "networks.lora_framepack":
+    Linear's input and output widths (`skeleton`: that DiT on the meta device, so no weight loads)."""
+    if network_module != DEFAULT_NETWORK_MODULE:
         return
-    from frame_pack.dit_loader import dit_skeleton
     from networks.lora_framepack import target_linears
 
-    linears = target_linears(dit_skeleton(args.dit))
+    linears = target_linears(skeleton)
     unknown = sorted(name for name in modules if name not in linears)
     if unknown:
         raise TrainingInputError(
@@ -109,7 +109,9 @@ def check_modules_fit(flag: str, path: str, modules: dict[str, LoraModuleShape],
             )
 
 
-def check_resume_folder(folder: str, expected: int | dict[str, int], against: str, args: argparse.Namespace) -> None:
+def check_resume_folder(
+    folder: str, expected: int | dict[str, int], against: str, network_module: str, skeleton: torch.nn.Module
+) -> None:
     """A `--save_state` folder: the network weights, the optimizer and the scheduler are all there, and the
     network has the ranks this run builds."""
     present = set(os.listdir(folder))
@@ -124,32 +126,33 @@ def check_resume_folder(folder: str, expected: int | dict[str, int], against: st
     if missing:
         raise TrainingInputError(f"--resume {folder}: incomplete training state, {', '.join(missing)} missing")
     modules = lora_module_shapes(os.path.join(folder, model), "--resume")
-    check_modules_fit("--resume", folder, modules, args)
+    check_modules_fit("--resume", folder, modules, network_module, skeleton)
     check_ranks("--resume", folder, ranks_of(modules), expected, against)
 
 
 def check_training_files(args: argparse.Namespace) -> None:
     """Every file check that needs no model; raises a UserError naming the flag and the file."""
-    from frame_pack.dit_loader import read_dit_config
+    from frame_pack.dit_loader import dit_skeleton, read_dit_config
 
     read_dit_config(args.dit, "--dit")
+    resuming = args.resume and not args.resume_from_huggingface
+    skeleton = dit_skeleton(args.dit) if args.base_weights or args.network_weights or resuming else None
     if args.base_weights:
-        from frame_pack.dit_loader import dit_skeleton
         from networks.lora_merge import check_loras_fit
 
-        check_loras_fit(dit_skeleton(args.dit), "--base_weights", args.base_weights, base_weight_multipliers(args))
+        check_loras_fit(skeleton, "--base_weights", args.base_weights, base_weight_multipliers(args))
     expected: int | dict[str, int] = DEFAULT_NETWORK_DIM if args.network_dim is None else args.network_dim
     against = f"--network_dim {expected}"
     if args.network_weights:
         modules = lora_module_shapes(args.network_weights, "--network_weights")
-        check_modules_fit("--network_weights", args.network_weights, modules, args)
+        check_modules_fit("--network_weights", args.network_weights, modules, args.network_module, skeleton)
         ranks = ranks_of(modules)
         if args.dim_from_weights:
             expected, against = ranks, f"the ranks of --network_weights {args.network_weights}"
         else:
             check_ranks("--network_weights", args.network_weights, ranks, expected, f"{against}; or --dim_from_weights")
-    if args.resume and not args.resume_from_huggingface:
-        check_resume_folder(args.resume, expected, against, args)
+    if resuming:
+        check_resume_folder(args.resume, expected, against, args.network_module, skeleton)
     if args.sample_prompts:
         from training.sample_prompts import check_sample_prompts
 
